@@ -1,0 +1,14 @@
+"""The ComfyUI layer: node descriptions (one file per node family) and their registration."""
+
+from .apply import ApplyLoRA
+from .dataset import LoadDataset
+from .merge import MergeLoRAs
+from .train import TrainLoRA
+
+NODE_SPECS = [LoadDataset, TrainLoRA, ApplyLoRA, MergeLoRAs]
+
+
+def LoraTrainerExtension():
+    from .host import comfy_extension
+
+    return comfy_extension(NODE_SPECS)

@@ -1,0 +1,239 @@
+"""Datasets: a folder of captioned images -> items, and items -> training tensors.
+
+Layouts read (first match wins per folder):
+- ``metadata.jsonl`` with ``file_name`` and ``text`` per line (the diffusers/HF imagefolder layout);
+- ``metadata.csv`` with ``file_name`` and a ``caption`` or ``text`` column;
+- a same-stem ``.txt`` or ``.caption`` file beside each image (kohya, most taggers).
+kohya-style ``N_name`` subfolders repeat their images N times; a missing caption there falls back to
+the folder's class tokens (``name``), as kohya does.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import os
+import re
+from dataclasses import dataclass, field
+
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+CAPTION_EXTENSIONS = (".txt", ".caption")
+REPEAT_FOLDER = re.compile(r"^(\d+)_(.*)$")
+
+
+class DatasetError(ValueError):
+    """A dataset folder that cannot be trained on; the message names the path and the fix."""
+
+
+@dataclass
+class DatasetItem:
+    image_path: str
+    caption: str
+    repeats: int = 1
+    subset: str = "."  # folder relative to the dataset root, for ss_dataset_dirs
+
+
+@dataclass
+class Dataset:
+    root: str
+    items: list[DatasetItem]
+    warnings: list[str] = field(default_factory=list)
+
+    @property
+    def num_images(self) -> int:
+        return len(self.items)
+
+    @property
+    def num_samples(self) -> int:
+        """Images counted with their repeats: the length of one epoch."""
+        return sum(item.repeats for item in self.items)
+
+    def epoch_indices(self) -> list[int]:
+        """Item index per sample of one epoch (repeats expanded), before shuffling."""
+        return [i for i, item in enumerate(self.items) for _ in range(item.repeats)]
+
+    def subsets(self) -> dict[str, dict[str, int]]:
+        """kohya's ss_dataset_dirs shape: {folder: {"n_repeats": N, "img_count": count}}."""
+        out: dict[str, dict[str, int]] = {}
+        for item in self.items:
+            entry = out.setdefault(item.subset, {"n_repeats": item.repeats, "img_count": 0})
+            entry["img_count"] += 1
+        return out
+
+    def tag_frequency(self) -> dict[str, dict[str, int]]:
+        """kohya's ss_tag_frequency: comma-separated tags, lower-cased, counted per folder."""
+        out: dict[str, dict[str, int]] = {}
+        for item in self.items:
+            counts = out.setdefault(item.subset, {})
+            for tag in item.caption.split(","):
+                tag = tag.strip().lower()
+                if tag:
+                    counts[tag] = counts.get(tag, 0) + 1
+        return out
+
+    def fingerprint(self) -> str:
+        """Changes whenever an image or caption changes (content, not mtime)."""
+        digest = hashlib.sha256()
+        for item in self.items:
+            digest.update(os.path.relpath(item.image_path, self.root).encode())
+            digest.update(file_digest(item.image_path).encode())
+            digest.update(item.caption.encode())
+            digest.update(str(item.repeats).encode())
+        return digest.hexdigest()
+
+
+def file_digest(path: str) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def read_text(path: str) -> str:
+    with open(path, "rb") as f:
+        raw = f.read()
+    for encoding in ("utf-8-sig", "utf-16") if raw[:2] in (b"\xff\xfe", b"\xfe\xff") else ("utf-8-sig",):
+        try:
+            return raw.decode(encoding)
+        except UnicodeDecodeError:
+            pass
+    # Taggers on Windows sometimes write cp1252; keep the caption rather than failing the run.
+    return raw.decode("latin-1")
+
+
+def first_line(text: str) -> str:
+    for line in text.splitlines():
+        if line.strip():
+            return line.strip()
+    return ""
+
+
+def _metadata_captions(folder: str) -> dict[str, str] | None:
+    jsonl = os.path.join(folder, "metadata.jsonl")
+    if os.path.isfile(jsonl):
+        captions = {}
+        for number, line in enumerate(read_text(jsonl).splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+                captions[os.path.normpath(row["file_name"])] = str(row.get("text", row.get("caption", "")))
+            except (json.JSONDecodeError, KeyError, TypeError) as e:
+                raise DatasetError(
+                    f"{jsonl}, line {number}: expected a JSON object with 'file_name' and 'text' ({e})"
+                ) from None
+        return captions
+    csv_path = os.path.join(folder, "metadata.csv")
+    if os.path.isfile(csv_path):
+        rows = list(csv.DictReader(read_text(csv_path).splitlines()))
+        if rows and "file_name" in rows[0]:
+            column = "caption" if "caption" in rows[0] else "text" if "text" in rows[0] else None
+            if column is None:
+                raise DatasetError(f"{csv_path}: needs a 'caption' or 'text' column beside 'file_name'")
+            return {os.path.normpath(r["file_name"]): (r[column] or "").strip() for r in rows}
+        raise DatasetError(f"{csv_path}: needs a 'file_name' column and a 'caption' or 'text' column")
+    return None
+
+
+def _scan_folder(root: str, folder: str, repeats: int, class_tokens: str, items: list, warnings: list):
+    metadata = _metadata_captions(folder)
+    subset = os.path.relpath(folder, root)
+    for dirpath, dirnames, filenames in os.walk(folder, followlinks=False):
+        dirnames.sort()
+        if dirpath == root:
+            dirnames[:] = []  # top-level subfolders are handled by load_dataset
+        for name in sorted(filenames):
+            stem, ext = os.path.splitext(name)
+            if ext.lower() not in IMAGE_EXTENSIONS:
+                continue
+            path = os.path.join(dirpath, name)
+            rel = os.path.normpath(os.path.relpath(path, folder))
+            caption = None
+            if metadata is not None:
+                caption = metadata.get(rel)
+            if caption is None:
+                for caption_ext in CAPTION_EXTENSIONS:
+                    sidecar = os.path.join(dirpath, stem + caption_ext)
+                    if os.path.isfile(sidecar):
+                        caption = first_line(read_text(sidecar))
+                        break
+            if caption is None:
+                caption = class_tokens
+                warnings.append(f"no caption for {path}" + (f"; using '{class_tokens}'" if class_tokens else ""))
+            items.append(DatasetItem(path, caption, repeats, subset))
+
+
+def load_dataset(folder: str) -> Dataset:
+    """Scan ``folder`` (see the module docstring for layouts). Raises DatasetError when unusable."""
+    root = os.path.abspath(folder)
+    if not os.path.isdir(root):
+        raise DatasetError(f"dataset folder not found: {folder}. Point it at a folder of images with captions.")
+    items: list[DatasetItem] = []
+    warnings: list[str] = []
+    _scan_folder(root, root, 1, "", items, warnings)
+    for name in sorted(os.listdir(root)):
+        path = os.path.join(root, name)
+        if not os.path.isdir(path) or name.startswith("."):
+            continue
+        match = REPEAT_FOLDER.match(name)
+        if match:
+            _scan_folder(root, path, max(1, int(match.group(1))), match.group(2).strip(), items, warnings)
+        else:
+            _scan_folder(root, path, 1, "", items, warnings)
+    if not items:
+        raise DatasetError(
+            f"no images found in {folder} (looked for {', '.join(IMAGE_EXTENSIONS)}, also in N_name subfolders)"
+        )
+    if all(not item.caption for item in items):
+        raise DatasetError(
+            f"no captions found in {folder}: add a .txt file with the same name beside each image, "
+            "or a metadata.jsonl / metadata.csv"
+        )
+    return Dataset(root, items, warnings)
+
+
+def load_image(path: str):
+    """Open an image upright (EXIF orientation applied), first frame, as RGB."""
+    from PIL import Image, ImageOps, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as img:
+            img.seek(0)
+            img = ImageOps.exif_transpose(img)
+            if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
+                # Transparent pixels become white, as image viewers show them, not black.
+                rgba = img.convert("RGBA")
+                background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+                img = Image.alpha_composite(background, rgba)
+            elif img.mode in ("I;16", "I;16B", "I;16L", "I"):
+                img = img.point(lambda v: v / 256).convert("L")
+            return img.convert("RGB")
+    except (UnidentifiedImageError, OSError, SyntaxError) as e:
+        raise DatasetError(f"cannot read image {path}: {e}. Remove or re-save the file.") from None
+
+
+def resize_and_crop(img, width: int, height: int, crop: str = "center", rng=None):
+    """Scale ``img`` to cover width x height, then crop. Returns (image, (crop_top, crop_left))."""
+    from PIL import Image
+
+    scale = max(width / img.width, height / img.height)
+    new_w, new_h = max(width, round(img.width * scale)), max(height, round(img.height * scale))
+    if (new_w, new_h) != img.size:
+        img = img.resize((new_w, new_h), Image.LANCZOS)
+    if crop == "random" and rng is not None:
+        left = int(rng.integers(0, new_w - width + 1))
+        top = int(rng.integers(0, new_h - height + 1))
+    else:
+        left, top = (new_w - width) // 2, (new_h - height) // 2
+    return img.crop((left, top, left + width, top + height)), (top, left)
+
+
+def image_to_tensor(img):
+    """PIL RGB -> float tensor [3, H, W] in [-1, 1]."""
+    import numpy as np
+    import torch
+
+    array = np.asarray(img, dtype=np.float32) / 127.5 - 1.0
+    return torch.from_numpy(array).permute(2, 0, 1).contiguous()
