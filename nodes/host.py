@@ -179,13 +179,20 @@ def comfy_node(spec: type[NodeSpec]):
 
     def define_schema(cls):
         host = get_host()
+        input_names = {i.name for i in spec.inputs}
         return io.Schema(
             node_id=spec.node_id,
             display_name=spec.display_name,
             category=CATEGORY,
             description=spec.description,
             inputs=[_input(io, i, host) for i in spec.inputs],
-            outputs=[_io_type(io, o.kind).Output(o.name, display_name=o.name, tooltip=o.tooltip) for o in spec.outputs],
+            outputs=[
+                # V3 wants output ids distinct from input ids (Apply LoRA's model/clip in and out)
+                _io_type(io, o.kind).Output(
+                    o.name + "_out" if o.name in input_names else o.name, display_name=o.name, tooltip=o.tooltip
+                )
+                for o in spec.outputs
+            ],
             is_output_node=spec.output_node,
         )
 
