@@ -90,6 +90,8 @@ def build_cache(base, dataset: Dataset, config: TrainConfig, device, emit) -> Sa
     resolution = config.resolution
     vae_dtype = next(base.vae.parameters()).dtype
     base.vae.to(device)
+    # latents are sampled from the VAE's distribution once per run (as kohya caches them), seeded
+    generator = torch.Generator(device=device).manual_seed(config.seed)
     latents, flipped, hidden, added = [], [] if config.flip else None, [], []
     sizes = []
     for index, item in enumerate(dataset.items):
@@ -99,7 +101,7 @@ def build_cache(base, dataset: Dataset, config: TrainConfig, device, emit) -> Sa
         sizes.append((original[0], original[1], top, left, resolution, resolution))
         pixels = image_to_tensor(image).unsqueeze(0)
         batch = torch.cat([pixels, pixels.flip(-1)]) if config.flip else pixels
-        encoded = encode_images(base, batch.to(device, vae_dtype)).float().cpu()
+        encoded = encode_images(base, batch.to(device, vae_dtype), generator=generator).float().cpu()
         latents.append(encoded[0])
         if config.flip:
             flipped.append(encoded[1])
@@ -171,7 +173,9 @@ def _train(config: TrainConfig, base, emit, stop) -> TrainResult:
     cache = build_cache(base, dataset, config, device, emit)
     scheduler = base.noise_scheduler
     unet = base.unet
-    unet.to(device, dtype=weight_dtype)
+    unet.to(device)
+    if weight_dtype != torch.float32:
+        unet.to(dtype=weight_dtype)
     torch.manual_seed(config.seed)
     params = attach_lora(unet, config.rank, config.alpha, config.target)
     for p in params:
@@ -262,22 +266,28 @@ def _train(config: TrainConfig, base, emit, stop) -> TrainResult:
         resolution=config.resolution,
         steps=step,
         max_train_steps=config.steps,
-        epochs=(sample_number + epoch_size - 1) // epoch_size,
+        epoch=(sample_number + epoch_size - 1) // epoch_size,
         learning_rate=config.learning_rate,
-        optimizer="torch.optim.AdamW(weight_decay=0.01)",
+        unet_lr=config.learning_rate,
+        optimizer="torch.optim.AdamW",
+        optimizer_args={"weight_decay": 0.01},
         lr_scheduler="constant",
+        train_unet=True,
+        train_text_encoder=False,
+        cache_latents=True,
+        flip_aug=config.flip,
+        total_batch_size=config.batch_size * config.gradient_accumulation_steps,
         seed=config.seed,
         batch_size=config.batch_size,
         gradient_accumulation_steps=config.gradient_accumulation_steps,
         max_grad_norm=config.max_grad_norm,
-        mixed_precision=config.precision,
+        mixed_precision=PRECISION_TO_ACCELERATE[config.precision],
         num_train_images=epoch_size,
         dataset_dirs=dataset.subsets(),
         tag_frequency=dataset.tag_frequency(),
         trigger_words=[config.trigger_word] if config.trigger_word else [],
         training_started_at=started_at.timestamp(),
         training_finished_at=finished_at.timestamp(),
-        prediction_type=base.prediction_type,
         network_args={"target": config.target},
     )
     weights = LoraWeights(tensors=tensors, metadata=make_metadata(info), family=base.family)
