@@ -124,7 +124,6 @@ def cmd_demo(args) -> int:
     loss_chart(result.losses, title=f"{name} loss").save(plot_path)
     first = sum(result.losses[:10]) / len(result.losses[:10])
     last = sum(result.losses[-10:]) / len(result.losses[-10:])
-    print(f"wrote {result.path}")
     print(f"wrote {plot_path}")
     print(f"loss {first:.4f} -> {last:.4f} (mean of first/last 10 steps), {result.seconds:.1f}s")
     return 0
