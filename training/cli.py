@@ -194,7 +194,20 @@ def build_parser() -> argparse.ArgumentParser:
     merge.add_argument("--mode", choices=["exact"], default="exact")
     merge.add_argument("--overwrite", action="store_true")
     merge.set_defaults(func=cmd_merge)
+    bench = sub.add_parser("bench", help="speed and memory benchmarks against reference runs (bench/README.md)")
+    bench.add_argument("--only", action="append", choices=["cpu", "comfy", "gpu"], help="run only these (repeatable)")
+    bench.add_argument("--steps", type=int, default=100, help="steps of the CPU comparison")
+    bench.add_argument("--repeats", type=int, default=2, help="runs per side of the CPU comparison (best kept)")
+    bench.add_argument("--comfyui-dir", help="ComfyUI checkout for the core-node comparison (default: $COMFYUI_DIR)")
+    bench.add_argument("--results-dir", help="where the JSON goes (default: bench/results)")
+    bench.set_defaults(func=cmd_bench)
     return parser
+
+
+def cmd_bench(args) -> int:
+    from ..bench.run import main as bench_main
+
+    return bench_main(args)
 
 
 def main(argv=None) -> int:
