@@ -17,7 +17,7 @@ import os
 import re
 from dataclasses import dataclass, field
 
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif")  # animated: first frame
 CAPTION_EXTENSIONS = (".txt", ".caption")
 REPEAT_FOLDER = re.compile(r"^(\d+)_(.*)$")
 
@@ -144,11 +144,17 @@ def _scan_folder(root: str, folder: str, repeats: int, class_tokens: str, items:
         dirnames.sort()
         if dirpath == root:
             dirnames[:] = []  # top-level subfolders are handled by load_dataset
+        image_stems = {os.path.splitext(n)[0] for n in filenames if os.path.splitext(n)[1].lower() in IMAGE_EXTENSIONS}
         for name in sorted(filenames):
             stem, ext = os.path.splitext(name)
+            if ext.lower() in CAPTION_EXTENSIONS and stem not in image_stems:
+                warnings.append(f"caption {os.path.join(dirpath, name)} has no image of the same name; ignored")
             if ext.lower() not in IMAGE_EXTENSIONS:
                 continue
             path = os.path.join(dirpath, name)
+            if not os.path.isfile(path):  # broken symlink, symlink loop, fifo...
+                warnings.append(f"skipped {path}: not a readable file (broken symlink or symlink loop?)")
+                continue
             rel = os.path.normpath(os.path.relpath(path, folder))
             caption = None
             if metadata is not None:
@@ -176,6 +182,10 @@ def load_dataset(folder: str) -> Dataset:
     for name in sorted(os.listdir(root)):
         path = os.path.join(root, name)
         if not os.path.isdir(path) or name.startswith("."):
+            continue
+        real = os.path.realpath(path)
+        if os.path.islink(path) and (real == os.path.realpath(root) or os.path.realpath(root).startswith(real + os.sep)):
+            warnings.append(f"skipped {path}: a symlink back to the dataset folder or above it (a loop)")
             continue
         match = REPEAT_FOLDER.match(name)
         if match:
@@ -210,6 +220,11 @@ def load_image(path: str):
             elif img.mode in ("I;16", "I;16B", "I;16L", "I"):
                 img = img.point(lambda v: v / 256).convert("L")
             return img.convert("RGB")
+    except Image.DecompressionBombError as e:
+        raise DatasetError(
+            f"image {path} is too large to decode safely ({e}). Downscale it (4096 pixels on the long side "
+            "is plenty for training) or remove it."
+        ) from None
     except (UnidentifiedImageError, OSError, SyntaxError) as e:
         raise DatasetError(f"cannot read image {path}: {e}. Remove or re-save the file.") from None
 
@@ -237,3 +252,52 @@ def image_to_tensor(img):
 
     array = np.asarray(img, dtype=np.float32) / 127.5 - 1.0
     return torch.from_numpy(array).permute(2, 0, 1).contiguous()
+
+
+def image_size(path: str) -> tuple[int, int]:
+    """(width, height) as trained: EXIF orientation applied, without decoding the pixels."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as img:
+            width, height = img.size
+            orientation = img.getexif().get(0x0112, 1) if hasattr(img, "getexif") else 1
+    except (UnidentifiedImageError, OSError, SyntaxError) as e:
+        raise DatasetError(f"cannot read image {path}: {e}. Remove or re-save the file.") from None
+    return (height, width) if orientation in (5, 6, 7, 8) else (width, height)
+
+
+def with_trigger(caption: str, trigger: str) -> str:
+    """``trigger, caption`` unless the caption already names the trigger."""
+    if not trigger or trigger.lower() in caption.lower():
+        return caption
+    return f"{trigger}, {caption}" if caption else trigger
+
+
+def process_caption(caption: str, *, trigger: str = "", shuffle: bool = False, keep_tokens: int = 0,
+                    separator: str = ",", dropout_rate: float = 0.0, tag_dropout_rate: float = 0.0,
+                    drop_all: bool = False, generator=None) -> str:
+    """kohya's caption options for one sample; randomness comes from ``generator`` (torch.Generator).
+
+    The first ``keep_tokens`` tags stay in place and are never dropped; the rest are dropped with
+    ``tag_dropout_rate`` each and shuffled with ``shuffle``. ``dropout_rate`` (or ``drop_all``: every
+    N-th epoch) replaces the whole caption, trigger included, with "" (unconditional training). The
+    trigger word, if any, is placed first and counts as kept.
+    """
+    import torch
+
+    def uniform() -> float:
+        return float(torch.rand((), generator=generator))
+
+    if drop_all or (dropout_rate > 0 and uniform() < dropout_rate):
+        return ""
+    if not (shuffle or tag_dropout_rate > 0):
+        return with_trigger(caption, trigger)
+    tags = [t.strip() for t in caption.split(separator) if t.strip()]
+    fixed, flexible = tags[:keep_tokens], tags[keep_tokens:]
+    if tag_dropout_rate > 0:
+        flexible = [t for t in flexible if uniform() >= tag_dropout_rate]
+    if shuffle and len(flexible) > 1:
+        flexible = [flexible[i] for i in torch.randperm(len(flexible), generator=generator).tolist()]
+    joiner = separator.strip() + " " if separator.strip() else separator
+    return with_trigger(joiner.join(fixed + flexible), trigger)
