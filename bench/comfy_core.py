@@ -34,6 +34,13 @@ def import_comfyui(comfyui_dir: str):
 def core_inputs(comfy_sd, checkpoint, resolution):
     import torch
 
+    with torch.inference_mode():  # as ComfyUI's executor runs the loader and encoder nodes
+        return _core_inputs(comfy_sd, checkpoint, resolution)
+
+
+def _core_inputs(comfy_sd, checkpoint, resolution):
+    import torch
+
     from ..training.dataset import load_dataset, load_image, resize_and_crop
 
     model, clip, vae = comfy_sd.load_checkpoint_guess_config(checkpoint, output_vae=True, output_clip=True)[:3]
@@ -48,20 +55,24 @@ def core_inputs(comfy_sd, checkpoint, resolution):
 
 
 def time_core(node, model, latents, positive, steps, rank, seed):
-    with measured() as m:
+    import torch
+
+    with measured() as m, torch.inference_mode():  # nodes run under inference_mode in ComfyUI
         out = node.train(model, latents, positive, 1, steps, 1, 1e-4, rank, "AdamW", "MSE", seed, "bf16", "bf16",
                          "LoRA", False, "[None]")
     return m, out[2]["loss"]
 
 
 def time_ours(checkpoint, tokenizer, steps, rank, resolution, seed):
+    import torch
+
     from ..training.config import TrainConfig
     from ..training.loop import train
 
     config = TrainConfig(checkpoint=checkpoint, tokenizer=tokenizer, dataset=SAMPLE, output_dir="", steps=steps,
                          rank=rank, alpha=float(rank), learning_rate=1e-4, resolution=resolution, batch_size=1,
                          seed=seed, precision="bf16", device="cpu", flip=False)
-    with measured() as m:
+    with measured() as m, torch.inference_mode():
         result = train(config)
     return m, result.losses
 
