@@ -29,7 +29,8 @@ LEGACY_HASH_KEY = "sshs_legacy_hash"
 LEGACY_OFFSET = 0x100000
 LEGACY_SIZE = 0x10000
 
-_TMP_RE = re.compile(r"^\..+\.tmp-[0-9a-f]{16}$")
+# save_lora_file's temp files, and training/state.py's (tempfile.mkstemp(prefix=".tmp_", suffix=".pt"))
+_TMP_RE = re.compile(r"^(\..+\.tmp-[0-9a-f]{16}|\.tmp_[a-z0-9_]{8}\.pt)$")
 
 _DTYPES = {
     "fp16": torch.float16, "float16": torch.float16, "half": torch.float16,
@@ -175,11 +176,18 @@ def save_lora_file(path, weights: LoraWeights, overwrite: bool = False, dtype=No
                 os.replace(tmp, path)
             else:
                 os.unlink(tmp)
-    except BaseException:
+    except BaseException as e:
         try:
             os.unlink(tmp)
-        except FileNotFoundError:
+        except OSError:
             pass
+        if isinstance(e, OSError) and not isinstance(e, FileExistsError):
+            # disk full, read-only folder, quota...: say which file and that nothing was replaced
+            raise OSError(
+                e.errno,
+                f"Cannot write the LoRA file {path!r}: {e.strerror or e}. Nothing was written and any existing "
+                "file of that name is unchanged; free some space or choose a writable folder.",
+            ) from e
         raise
     _fsync_dir(directory)
     return path
