@@ -35,47 +35,72 @@ def resolve_folder(host, folder: str) -> str:
     return path
 
 
-def dataset_report(dataset) -> str:
-    missing = sum(1 for w in dataset.warnings if w.startswith("no caption"))
-    lines = [
-        f"{dataset.num_images} images, {dataset.num_samples} samples per epoch (with repeats)",
-        f"folders: " + ", ".join(f"{k} (x{v['n_repeats']}, {v['img_count']} images)" for k, v in dataset.subsets().items()),
-    ]
-    if missing:
-        lines.append(f"{missing} images without a caption file")
-    lines.extend(dataset.warnings[:10])
-    return "\n".join(lines)
+_TOKENIZERS: dict = {}
+
+
+def tokenizer_for(host):
+    """ComfyUI's bundled CLIP tokenizer (loaded once), for the caption-length check."""
+    from .report import load_tokenizer
+
+    try:
+        path = host.tokenizer_dir()
+    except Exception:
+        return None
+    if path not in _TOKENIZERS:
+        _TOKENIZERS[path] = load_tokenizer(path)
+    return _TOKENIZERS[path]
 
 
 class LoadDataset(NodeSpec):
-    """Loads a folder of captioned images from ComfyUI's input folder for Train LoRA."""
+    """Loads a folder of captioned images from ComfyUI's input folder for Train LoRA, with a report."""
 
     node_id = node_id("LoadDataset")
     display_name = "Load Dataset (LoRA Trainer)"
     description = (
         "A folder inside ComfyUI's input folder: images with same-name .txt/.caption files, or a "
-        "metadata.jsonl/metadata.csv; kohya-style N_name subfolders repeat their images N times."
+        "metadata.jsonl/metadata.csv; kohya-style N_name subfolders repeat their images N times. The report "
+        "lists unreadable, tiny and duplicate images, missing/empty/over-long captions and the buckets; the "
+        "preview grid frames problem images in colour."
     )
-    inputs = [In("folder", "COMBO", options=dataset_folders, tooltip="a folder inside ComfyUI's input folder")]
-    outputs = [Out("dataset", DATASET), Out("report", "STRING")]
+    inputs = [
+        In("folder", "COMBO", options=dataset_folders, tooltip="a folder inside ComfyUI's input folder"),
+        In(
+            "resolution", "INT", default=512, min=64, max=4096, step=64, optional=True,
+            tooltip="the training resolution, for the report's buckets and small-image check",
+        ),
+    ]
+    outputs = [
+        Out("dataset", DATASET),
+        Out("report", "STRING", "what the checks found (also shown on the node)"),
+        Out("preview", "IMAGE", "a grid of the images; problem images framed in colour"),
+    ]
 
     @staticmethod
-    def fingerprint(host, folder: str):
+    def fingerprint(host, folder: str, resolution: int = 512):
         # Re-run when any image or caption changes, not only when the folder name does.
         from ..training.dataset import DatasetError, load_dataset
 
         try:
-            return load_dataset(resolve_folder(host, folder)).fingerprint()
+            return f"{load_dataset(resolve_folder(host, folder)).fingerprint()}:{resolution}"
         except (DatasetError, NodeError) as e:
             return str(e)
 
     @classmethod
-    def execute(cls, host, folder: str) -> NodeResult:
+    def execute(cls, host, folder: str, resolution: int = 512) -> NodeResult:
         from ..training.dataset import DatasetError, load_dataset
+        from .report import analyse_dataset, image_tensor
 
         try:
             dataset = load_dataset(resolve_folder(host, folder))
         except DatasetError as e:
             raise NodeError(str(e)) from None
-        report = dataset_report(dataset)
-        return NodeResult((dataset, report), ui={"text": [report]})
+        report = analyse_dataset(dataset, resolution, tokenizer_for(host))
+        dataset.report = report  # Train LoRA refuses a dataset with unreadable images before loading a model
+        text = report.text()
+        grid = report.grid()
+        ui = {"text": [text]}
+        try:
+            ui["images"] = [host.save_temp_image(grid, "loratrainer/dataset")]
+        except Exception:  # no temp folder (scripts): the IMAGE output still carries the grid
+            pass
+        return NodeResult((dataset, text, image_tensor(grid)), ui=ui)

@@ -29,12 +29,13 @@ def set_host(host) -> None:
 class Progress:
     """A node's progress bar; Cancel is read through ``Host.interrupted`` so the run can save first."""
 
-    def __init__(self, total: int):
+    def __init__(self, total: int, node_id: str | None = None):
         import comfy.utils
 
-        self._bar = comfy.utils.ProgressBar(total)
+        self._bar = comfy.utils.ProgressBar(total, node_id=node_id)
 
     def update(self, value: int, total: int | None = None, preview=None) -> None:
+        """``preview``: a PIL image shown on the node by the stock frontend (ComfyUI's preview frames)."""
         import comfy.model_management
 
         try:
@@ -96,15 +97,68 @@ class ComfyHost:
         return comfy.model_management.get_torch_device()
 
     def free_memory(self) -> None:
-        """Unload every model ComfyUI holds, so training has the whole GPU."""
+        """Unload every model ComfyUI holds, so training has the whole GPU; give cached blocks back."""
+        import gc
+
         import comfy.model_management
 
         comfy.model_management.unload_all_models()
+        gc.collect()
         comfy.model_management.soft_empty_cache(True)
 
+    def device_memory(self) -> dict:
+        """Free/total bytes of the training device as ComfyUI sees them, with its type and name."""
+        import os
+
+        import comfy.model_management as mm
+
+        device = mm.get_torch_device()
+        name = mm.get_torch_device_name(device) if device.type == "cuda" else str(device)
+        return {
+            "free": int(mm.get_free_memory(device)),
+            "total": int(mm.get_total_memory(device)),
+            "type": device.type,
+            "name": name,
+            "cpu_count": os.cpu_count() or 1,
+        }
+
+    def executing(self) -> tuple[str | None, str | None]:
+        """(prompt_id, node_id) of the node being executed, when ComfyUI says so."""
+        try:
+            from comfy_execution.utils import get_executing_context
+
+            context = get_executing_context()
+        except ImportError:
+            context = None
+        if context is None:
+            return None, None
+        return context.prompt_id, context.node_id
+
     # -- progress and cancel -------------------------------------------------------------------
-    def progress(self, total: int) -> Progress:
-        return Progress(total)
+    def progress(self, total: int, node_id: str | None = None) -> Progress:
+        return Progress(total, node_id)
+
+    def progress_text(self, text: str, node_id: str | None) -> None:
+        """A line of text under the node in the stock frontend (ComfyUI's progress_text message)."""
+        if node_id is None:
+            return
+        try:
+            from server import PromptServer
+
+            PromptServer.instance.send_progress_text(text, node_id)
+        except Exception:  # no server: nothing listens
+            pass
+
+    def save_temp_image(self, image, prefix: str) -> dict:
+        """Write a PIL image to ComfyUI's temp folder; returns the {filename, subfolder, type} /view serves."""
+        import folder_paths
+
+        folder, name, counter, subfolder, _ = folder_paths.get_save_image_path(
+            prefix, folder_paths.get_temp_directory(), image.width, image.height
+        )
+        filename = f"{name}_{counter:05}_.png"
+        image.save(os.path.join(folder, filename), compress_level=1)
+        return {"filename": filename, "subfolder": subfolder, "type": "temp"}
 
     def interrupted(self) -> bool:
         import comfy.model_management
@@ -134,6 +188,14 @@ class ComfyHost:
         import comfy.utils
 
         return comfy.utils.load_torch_file(path, safe_load=True)
+
+    def model_context_dim(self, model) -> int | None:
+        """The text-context width the MODEL's cross-attention reads (768 SD1.x, 1024 SD2.x, 2048 SDXL)."""
+        try:
+            value = model.model.model_config.unet_config.get("context_dim")
+            return int(value) if value else None
+        except Exception:  # not a UNet model (or not a ModelPatcher): no check
+            return None
 
 
 # -- V3 adaptation ------------------------------------------------------------------------------
@@ -194,9 +256,12 @@ def comfy_node(spec: type[NodeSpec]):
                 for o in spec.outputs
             ],
             is_output_node=spec.output_node,
+            hidden=[io.Hidden.unique_id] if spec.wants_node_id else [],
         )
 
     def execute(cls, **inputs):
+        if spec.wants_node_id:
+            inputs["node_id"] = cls.hidden.unique_id
         result: NodeResult = spec.execute(get_host(), **inputs)
         return io.NodeOutput(*result.values, ui=result.ui)
 
@@ -220,6 +285,56 @@ def comfy_extension(specs: list[type[NodeSpec]]):
 
     class LoraTrainerExtension(ComfyExtension):
         async def get_node_list(self):
+            register_routes()
+            clean_stale_saves_at_start()
             return [comfy_node(spec) for spec in specs]
 
     return LoraTrainerExtension()
+
+
+def clean_stale_saves_at_start() -> None:
+    """At ComfyUI's start: remove temp files of saves a crash or SIGKILL cut off in models/loras."""
+    from .train import clean_stale_saves
+
+    try:
+        folder = get_host().loras_directory()  # the only folder this package writes LoRAs to
+    except Exception:  # no folder_paths (scripts)
+        return
+    clean_stale_saves(folder)
+
+
+# -- HTTP: the run records the Train LoRA node's chart re-draws from ------------------------------------
+_routes_registered = False
+
+
+def register_routes() -> None:
+    """Read-only routes (also under /api/): ``GET /loratrainer/runs`` lists the runs this server holds,
+    ``GET /loratrainer/runs/{run_id}`` returns one (a 32-hex-digit id; anything else is a 400, an
+    unknown id a 404). They serve only the in-process run records of nodes/runs.py."""
+    global _routes_registered
+    if _routes_registered:
+        return
+    try:
+        from aiohttp import web
+        from server import PromptServer
+
+        routes = PromptServer.instance.routes
+    except Exception:  # no server (scripts): nothing to register
+        return
+    from .runs import REGISTRY, valid_run_id
+
+    @routes.get("/loratrainer/runs")
+    async def loratrainer_runs(request):
+        return web.json_response({"runs": REGISTRY.summaries()}, headers={"Cache-Control": "no-store"})
+
+    @routes.get("/loratrainer/runs/{run_id}")
+    async def loratrainer_run(request):
+        run_id = request.match_info.get("run_id", "")
+        if not valid_run_id(run_id):
+            return web.json_response({"error": "run_id must be 32 lowercase hex digits"}, status=400)
+        record = REGISTRY.get(run_id)
+        if record is None:
+            return web.json_response({"error": f"no run {run_id} on this server"}, status=404)
+        return web.json_response(record, headers={"Cache-Control": "no-store"})
+
+    _routes_registered = True

@@ -54,6 +54,8 @@ class NodeSpec:
     inputs: list[In] = []
     outputs: list[Out] = []
     output_node: bool = False
+    # True: the host passes ``node_id`` (the node's id in the graph, as the frontend knows it) to execute
+    wants_node_id: bool = False
 
     @classmethod
     def execute(cls, host, **inputs) -> NodeResult:

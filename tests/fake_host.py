@@ -13,6 +13,8 @@ class FakeProgress:
 
     def update(self, value, total=None, preview=None):
         self.host.progress_values.append((value, total or self.total))
+        if preview is not None:
+            self.host.previews.append((value, preview))
 
 
 class InterruptProcessing(Exception):
@@ -30,6 +32,11 @@ class FakeHost:
         self.sent: list = []
         self.applied: list = []
         self.freed = 0
+        self.texts: list = []
+        self.previews: list = []
+        self.temp_images: list = []
+        self.free_bytes = 64 * 2**30  # what device_memory() reports as free
+        self.prompt_id, self.node_id = "prompt-1", "7"
 
     def input_directory(self):
         return os.path.join(self.root, "input")
@@ -58,8 +65,25 @@ class FakeHost:
     def free_memory(self):
         self.freed += 1
 
-    def progress(self, total):
+    def device_memory(self):
+        return {"free": self.free_bytes, "total": 2 * self.free_bytes, "type": "cpu", "name": "cpu", "cpu_count": 2}
+
+    def executing(self):
+        return self.prompt_id, self.node_id
+
+    def progress(self, total, node_id=None):
         return FakeProgress(self, total)
+
+    def progress_text(self, text, node_id):
+        self.texts.append((node_id, text))
+
+    def save_temp_image(self, image, prefix):
+        folder = os.path.join(self.root, "temp")
+        os.makedirs(folder, exist_ok=True)
+        filename = f"{os.path.basename(prefix)}_{len(self.temp_images):05}_.png"
+        image.save(os.path.join(folder, filename))
+        self.temp_images.append(filename)
+        return {"filename": filename, "subfolder": "", "type": "temp"}
 
     def interrupted(self):
         return self.stop_after_steps is not None and len(self.progress_values) >= self.stop_after_steps

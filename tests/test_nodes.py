@@ -44,8 +44,9 @@ def test_node_ids_carry_the_prefix_and_are_unique():
 
 def test_load_dataset_lists_input_folders_and_refuses_escape(host):
     assert dataset_folders(host) == ["shapes"]
-    dataset, report = LoadDataset.execute(host, folder="shapes").values
+    dataset, report, grid = LoadDataset.execute(host, folder="shapes").values
     assert dataset.num_images == 8 and "8 images" in report
+    assert grid.ndim == 4 and grid.shape[0] == 1 and grid.shape[-1] == 3
     with pytest.raises(NodeError, match="inside ComfyUI's input directory"):
         LoadDataset.execute(host, folder="../models")
     first = LoadDataset.fingerprint(host, folder="shapes")
@@ -72,12 +73,24 @@ def test_train_writes_file_returns_lora_and_loss(host):
         TrainLoRA.execute(host, **train_inputs(dataset, output_name="../escape"))
 
 
-def test_cancel_saves_the_work_then_interrupts(host):
+def test_cancel_saves_the_work_then_resume_matches_an_uninterrupted_run(host):
     host.stop_after_steps = 2
     dataset = LoadDataset.execute(host, folder="shapes").values[0]
     with pytest.raises(InterruptProcessing):
         TrainLoRA.execute(host, **train_inputs(dataset, output_name="cancelled"))
-    assert os.listdir(host.loras_directory()) == ["cancelled_interrupted_step2.safetensors"]
+    assert sorted(os.listdir(host.loras_directory())) == [
+        "cancelled_interrupted_step2.safetensors", "cancelled_state_step2.pt"
+    ]
+    host.stop_after_steps = None
+    resumed, loss, name = TrainLoRA.execute(host, **train_inputs(dataset, output_name="cancelled"), resume=True).values
+    assert name == "cancelled.safetensors" and len(loss["loss"]) == 6
+    straight, straight_loss, _ = TrainLoRA.execute(host, **train_inputs(dataset, output_name="straight")).values
+    assert set(resumed.tensors) == set(straight.tensors)
+    for key, value in straight.tensors.items():
+        assert torch.equal(resumed.tensors[key], value), key
+    assert loss["loss"] == pytest.approx(straight_loss["loss"])
+    with pytest.raises(NodeError, match="no saved state"):
+        TrainLoRA.execute(host, **train_inputs(dataset, output_name="never_ran"), resume=True)
 
 
 def test_apply_and_merge(host):
