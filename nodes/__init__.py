@@ -2,10 +2,11 @@
 
 from .apply import ApplyLoRA
 from .dataset import LoadDataset
+from .inspect import LoRAInfo
 from .merge import MergeLoRAs
 from .train import TrainLoRA
 
-NODE_SPECS = [LoadDataset, TrainLoRA, ApplyLoRA, MergeLoRAs]
+NODE_SPECS = [LoadDataset, TrainLoRA, ApplyLoRA, MergeLoRAs, LoRAInfo]
 
 
 def LoraTrainerExtension():

@@ -153,24 +153,14 @@ def test_missing_alpha_means_scale_one():
     torch.testing.assert_close(lora_delta(w, "m"), up @ down)
 
 
-def test_dora_is_refused():
+def test_other_peft_tuners_are_refused():
+    from peft import IA3Config
     from transformers import CLIPTextConfig, CLIPTextModel
 
     te = CLIPTextModel(CLIPTextConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
                                       num_attention_heads=4))
-    _add_lora(te, ["q_proj"], use_dora=True)
-    with pytest.raises(NotImplementedError, match="DoRA"):
-        kohya_state_dict_from_models("sd1", text_encoders=[te])
-
-
-def test_loha_is_refused():
-    from peft import LoHaConfig
-    from transformers import CLIPTextConfig, CLIPTextModel
-
-    te = CLIPTextModel(CLIPTextConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                                      num_attention_heads=4))
-    te.add_adapter(LoHaConfig(r=2, target_modules=["q_proj"]))
-    with pytest.raises(NotImplementedError, match="LoHa"):
+    te.add_adapter(IA3Config(target_modules=["q_proj", "fc2"], feedforward_modules=["fc2"]))
+    with pytest.raises(NotImplementedError, match="IA3"):
         kohya_state_dict_from_models("sd1", text_encoders=[te])
 
 

@@ -103,7 +103,7 @@ def test_apply_and_merge(host):
     assert set(host.applied[-1][0]) == set(lora.tensors)
     with pytest.raises(NodeError, match="no LoRA"):
         ApplyLoRA.execute(host, "M", "C", 1.0, 1.0, lora=None, lora_name=NO_FILE)
-    merged, file_name = MergeLoRAs.execute(
+    merged, file_name, _report = MergeLoRAs.execute(
         host, lora_1=lora, weight_1=0.5, lora_2=lora, weight_2=-0.25, save_name="merged"
     ).values
     assert file_name == "merged.safetensors"

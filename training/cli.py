@@ -159,17 +159,6 @@ def parse_weighted(spec: str) -> tuple[str, float]:
     return spec, 1.0
 
 
-def cmd_merge(args) -> int:
-    from .formats import load_lora_file, save_lora_file
-    from .merge import merge_exact
-
-    items = [(load_lora_file(path), weight) for path, weight in map(parse_weighted, args.inputs)]
-    merged = merge_exact(items)
-    written = save_lora_file(args.out, merged, overwrite=args.overwrite)
-    print(f"wrote {written} ({len(merged.tensors) // 3} modules)")
-    return 0
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m comfyui_lora_trainer",
@@ -188,12 +177,9 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config key (TOML value)")
     train.set_defaults(func=cmd_train)
 
-    merge = sub.add_parser("merge", help="merge LoRAs with weights into one (exact: ranks concatenated)")
-    merge.add_argument("inputs", nargs="+", metavar="LORA[:WEIGHT]")
-    merge.add_argument("--out", required=True)
-    merge.add_argument("--mode", choices=["exact"], default="exact")
-    merge.add_argument("--overwrite", action="store_true")
-    merge.set_defaults(func=cmd_merge)
+    from .lora_cli import add_parsers as add_lora_tool_parsers
+
+    add_lora_tool_parsers(sub)  # merge, resize, merge-into, inspect
     bench = sub.add_parser("bench", help="speed and memory benchmarks against reference runs (bench/README.md)")
     bench.add_argument("--only", action="append", choices=["cpu", "comfy", "gpu"], help="run only these (repeatable)")
     bench.add_argument("--steps", type=int, default=100, help="steps of the CPU comparison")

@@ -7,6 +7,7 @@ from .families import (
     MODELSPEC_ARCHITECTURE,
     family_from_metadata,
 )
+from .export import ExportResult, export_kohya
 from .kohya import (
     LoraWeights,
     kohya_state_dict_from_models,
@@ -14,7 +15,9 @@ from .kohya import (
     lora_delta,
     lora_scale,
     module_names,
+    weights_from_state_dict,
 )
+from .modules import NeedsBaseWeightError, module_kind
 from .metadata import RunInfo, make_metadata
 from .safetensors_io import (
     cleanup_stale_temp_files,
@@ -26,6 +29,11 @@ from .safetensors_io import (
 
 __all__ = [
     "LoraWeights",
+    "ExportResult",
+    "export_kohya",
+    "weights_from_state_dict",
+    "NeedsBaseWeightError",
+    "module_kind",
     "kohya_state_dict_from_models",
     "RunInfo",
     "make_metadata",
