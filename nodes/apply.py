@@ -74,6 +74,7 @@ class ApplyLoRA(NodeSpec):
             return NodeResult((model, clip))
         problem = base_model_mismatch(host, model, tensors)
         if problem:
-            raise NodeError(f"{lora_name if lora is None else 'lora'}: {problem}")
+            source = "lora" if lora is not None else "lora_model" if lora_model is not None else lora_name
+            raise NodeError(f"{source}: {problem}")
         model, clip = host.apply_lora(model, clip, tensors, strength_model, strength_clip)
         return NodeResult((model, clip))
