@@ -29,10 +29,11 @@ def set_host(host) -> None:
 class Progress:
     """A node's progress bar; Cancel is read through ``Host.interrupted`` so the run can save first."""
 
-    def __init__(self, total: int, node_id: str | None = None):
+    def __init__(self, total: int, node_id: str | None = None, host=None):
         import comfy.utils
 
         self._bar = comfy.utils.ProgressBar(total, node_id=node_id)
+        self._host = host
 
     def update(self, value: int, total: int | None = None, preview=None) -> None:
         """``preview``: a PIL image shown on the node by the stock frontend (ComfyUI's preview frames)."""
@@ -41,7 +42,10 @@ class Progress:
         try:
             self._bar.update_absolute(value, total, ("JPEG", preview, 512) if preview is not None else None)
         except comfy.model_management.InterruptProcessingException:
-            pass  # seen again by Host.interrupted() at the step boundary, where the work gets saved
+            # ComfyUI clears its flag as it raises: remember the Cancel for Host.interrupted(), which the
+            # loop asks at the step boundary, where the work gets saved
+            if self._host is not None:
+                self._host.cancel_seen = True
 
 
 class ComfyHost:
@@ -135,8 +139,11 @@ class ComfyHost:
         return context.prompt_id, context.node_id
 
     # -- progress and cancel -------------------------------------------------------------------
+    cancel_seen = False
+
     def progress(self, total: int, node_id: str | None = None) -> Progress:
-        return Progress(total, node_id)
+        self.cancel_seen = False
+        return Progress(total, node_id, self)
 
     def progress_text(self, text: str, node_id: str | None) -> None:
         """A line of text under the node in the stock frontend (ComfyUI's progress_text message)."""
@@ -163,7 +170,7 @@ class ComfyHost:
     def interrupted(self) -> bool:
         import comfy.model_management
 
-        return comfy.model_management.processing_interrupted()
+        return self.cancel_seen or comfy.model_management.processing_interrupted()
 
     def raise_interrupt(self) -> None:
         import comfy.model_management
@@ -225,6 +232,8 @@ def _input(io, spec_input, host):
             value = getattr(spec_input, key)
             if value is not None:
                 kwargs[key] = value
+    if spec_input.kind == "INT" and spec_input.control_after_generate is not None:
+        kwargs["control_after_generate"] = spec_input.control_after_generate
     if spec_input.kind == "STRING" and spec_input.multiline:
         kwargs["multiline"] = True
     if spec_input.kind == "COMBO":

@@ -32,6 +32,8 @@ class In:
     optional: bool = False
     multiline: bool = False
     tooltip: str | None = None
+    # INT: the frontend's "control after generate" widget; None = its default (on for inputs named seed)
+    control_after_generate: bool | None = None
 
 
 @dataclass

@@ -73,6 +73,23 @@ def state_path_for(output_dir: str, output_name: str) -> str | None:
     return latest_state(output_dir, output_name)
 
 
+def tokenizer_for_checkpoint(host, path: str) -> str | None:
+    """ComfyUI's CLIP tokenizer, unless the checkpoint's text encoder has another vocabulary (the tiny
+    test models): then None, and the loader takes the tokenizer that belongs to it."""
+    try:
+        from safetensors import safe_open
+
+        with safe_open(path, framework="pt") as f:
+            for key in f.keys():
+                if key.endswith("embeddings.token_embedding.weight"):
+                    if f.get_slice(key).get_shape()[0] != 49408:
+                        return None
+                    break
+    except Exception:  # a diffusers folder or an unreadable file: the loader reports it
+        pass
+    return host.tokenizer_dir()
+
+
 def _pil(value):
     """A sample image from the loop: a PIL image, a file path, or an [H,W,3]/[3,H,W] tensor in [0,1]/[-1,1]."""
     from PIL import Image
@@ -115,7 +132,10 @@ class TrainLoRA(NodeSpec):
         In("alpha", "FLOAT", default=16.0, min=0.01, max=1024.0, step=0.5, tooltip="scale = alpha / rank"),
         In("resolution", "INT", default=512, min=64, max=4096, step=64),
         In("batch_size", "INT", default=1, min=1, max=64),
-        In("seed", "INT", default=0, min=0, max=2**63 - 1),
+        In(
+            "seed", "INT", default=0, min=0, max=2**63 - 1, control_after_generate=False,
+            tooltip="same seed, same run; fixed so that queueing again with resume on continues the same run",
+        ),
         In("output_name", "STRING", default="my_lora", tooltip="file name in models/loras (no extension)"),
         In("precision", "COMBO", options=["bf16", "fp32", "fp16"], default="bf16", optional=True),
         In("trigger_word", "STRING", default="", optional=True, tooltip="prepended to every caption"),
@@ -164,9 +184,10 @@ class TrainLoRA(NodeSpec):
         device = host.torch_device()
         if str(device) == "cpu" and precision == "fp16":
             precision = "fp32"  # fp16 autocast needs a GPU; fp32 is what the CPU runs best
+        checkpoint_path = host.checkpoint_path(checkpoint)
         values = dict(
-            checkpoint=host.checkpoint_path(checkpoint),
-            tokenizer=host.tokenizer_dir(),
+            checkpoint=checkpoint_path,
+            tokenizer=tokenizer_for_checkpoint(host, checkpoint_path),
             dataset=dataset.root,
             output_dir=host.loras_directory(),
             output_name=output_name.strip(),

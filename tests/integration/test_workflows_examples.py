@@ -1,0 +1,120 @@
+"""Each example workflow (UI format) converted to the API format and queued in a real ComfyUI."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from workflow_api import set_widget, ui_to_api, widget_inputs
+
+REPO = Path(__file__).resolve().parents[2]
+EXAMPLES = REPO / "example_workflows"
+SAMPLE = REPO / "training" / "sample_dataset"
+
+
+@pytest.fixture(scope="module")
+def object_info(comfy):
+    return comfy.object_info()
+
+
+@pytest.fixture(scope="module")
+def datasets(comfy_base_dir):
+    for name in ("my_dataset", "style_a", "style_b"):
+        shutil.copytree(SAMPLE, comfy_base_dir / "input" / name, dirs_exist_ok=True)
+
+
+def load(name):
+    return json.loads((EXAMPLES / f"{name}.json").read_text())
+
+
+def shrink(workflow, object_info, checkpoint, tag, **train):
+    """Small settings for a CPU test: tiny steps and sizes, the test's checkpoint, unique output names."""
+    for node in workflow["nodes"]:
+        kind, nid = node["type"], node["id"]
+        if kind == "LoraTrainer_LoadDataset":
+            set_widget(workflow, nid, "resolution", 64, object_info)
+        elif kind == "LoraTrainer_TrainLoRA":
+            values = dict(checkpoint=checkpoint, steps=2, resolution=64, rank=4, precision="fp32",
+                          gradient_checkpointing=False, save_every=0)
+            values.update(train)
+            for key, value in values.items():
+                set_widget(workflow, nid, key, value, object_info)
+            name = node["widgets_values"][[w for w, _ in widget_inputs(object_info[kind])].index("output_name")]
+            set_widget(workflow, nid, "output_name", f"{tag}_{name}", object_info)
+        elif kind == "CheckpointLoaderSimple":
+            set_widget(workflow, nid, "ckpt_name", checkpoint, object_info)
+        elif kind == "EmptyLatentImage":
+            set_widget(workflow, nid, "width", 64, object_info)
+            set_widget(workflow, nid, "height", 64, object_info)
+        elif kind == "KSampler":
+            set_widget(workflow, nid, "steps", 2, object_info)
+        elif kind == "LoraTrainer_MergeLoRAs":
+            set_widget(workflow, nid, "save_name", f"{tag}_merged", object_info)
+    return workflow
+
+
+def test_examples_are_listed_and_convert(comfy, object_info):
+    templates = comfy.get_json("/api/workflow_templates")
+    listed = next((names for names in templates.values() if "train_sdxl" in names), None)
+    assert listed is not None, templates
+    assert sorted(listed) == sorted(p.stem for p in EXAMPLES.glob("*.json"))
+    for path in EXAMPLES.glob("*.json"):
+        prompt = ui_to_api(json.loads(path.read_text()), object_info)
+        assert any(n["class_type"] == "LoraTrainer_TrainLoRA" for n in prompt.values()), path.name
+
+
+def test_train_and_test_sd15(comfy, comfy_base_dir, object_info, datasets, sd15_checkpoint):
+    workflow = shrink(load("train_and_test_sd15"), object_info, sd15_checkpoint, "ex1", sample_every=2,
+                      sample_prompt="a red circle")
+    prompt = ui_to_api(workflow, object_info)
+    for node in prompt.values():
+        if node["class_type"] == "LoraTrainer_TrainLoRA":
+            node["inputs"]["memory_limit_gb"] = 0.0
+    mark = comfy.log_mark()
+    entry = comfy.run(prompt, timeout=900)
+    log = comfy.log_text(since=mark)
+    assert "lora key not loaded" not in log
+    loras = comfy_base_dir / "models" / "loras"
+    assert (loras / "ex1_my_sd15_lora.safetensors").is_file()
+    outputs = entry["outputs"]
+    assert outputs["12"]["images"], "KSampler after training produced no image (models not reloadable?)"
+    assert outputs["4"]["images"], "core Plot Loss Graph did not accept the LOSS_MAP"
+    assert outputs["1"]["text"][0].startswith("8 images") and outputs["1"]["images"]
+    # the run record the chart re-draws from, with the samples drawn at steps 0 and 2
+    runs = comfy.get_json("/loratrainer/runs")["runs"]
+    run = next(r for r in reversed(runs) if r["name"] == "ex1_my_sd15_lora")
+    record = comfy.get_json(f"/api/loratrainer/runs/{run['run_id']}")
+    assert record["status"] == "done" and len(record["losses"]) == 2 and record["node"] == "3"
+    assert [s["step"] for s in record["samples"]] == [0, 2]
+    image = record["samples"][-1]["images"][0]
+    assert comfy.view(image["filename"], image["subfolder"], image["type"])[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_train_sdxl(comfy, comfy_base_dir, object_info, datasets):
+    from comfyui_lora_trainer.training.models import write_tiny_checkpoint
+
+    name = "tiny-sdxl.safetensors"
+    write_tiny_checkpoint(str(comfy_base_dir / "models" / "checkpoints" / name), family="sdxl", seed=0)
+    workflow = shrink(load("train_sdxl"), object_info, name, "ex2", steps=4, save_every=2, sample_every=2,
+                      gradient_checkpointing=True)
+    entry = comfy.run(ui_to_api(workflow, object_info), timeout=600)
+    loras = comfy_base_dir / "models" / "loras"
+    assert (loras / "ex2_my_sdxl_lora.safetensors").is_file()
+    assert (loras / "ex2_my_sdxl_lora_step2.safetensors").is_file()
+    assert entry["outputs"]["4"]["images"]
+    with open(loras / "ex2_my_sdxl_lora.safetensors", "rb") as f:
+        header = f.read(200_000)
+    assert b"lora_unet_" in header
+
+
+def test_merge_and_compare(comfy, comfy_base_dir, object_info, datasets, sd15_checkpoint):
+    workflow = shrink(load("merge_and_compare"), object_info, sd15_checkpoint, "ex3")
+    entry = comfy.run(ui_to_api(workflow, object_info), timeout=900)
+    loras = comfy_base_dir / "models" / "loras"
+    for name in ("ex3_style_a", "ex3_style_b", "ex3_merged"):
+        assert (loras / f"{name}.safetensors").is_file(), name
+    images = entry["outputs"]["23"]["images"]
+    assert len(images) == 3  # A alone, the merge, B alone
