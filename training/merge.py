@@ -32,7 +32,7 @@ from .formats.families import (
     PREDICTION_TYPE,
 )
 from .formats.kohya import LoraWeights, module_names
-from .formats.lowrank import exact_rank, lowrank_from_delta
+from .formats.lowrank import common_alpha, exact_rank, lowrank_from_delta
 from .formats.metadata import MODELSPEC_VERSION
 from .formats.modules import has_dora, module_delta, module_kind, module_scale
 from .formats.names import ALPHA, DIFF_B, DOWN, MID, UP
@@ -228,6 +228,7 @@ def merge_loras(items, mode: str = "exact", rank: int | None = None, energy: flo
         parts = [(w, s) for w, s in items if any(k.startswith(name + ".") for k in w.tensors)]
         for suffix, t in _merge_module(parts, name, report, rank, energy, dtype).items():
             tensors[name + suffix] = t.contiguous()
+    common_alpha(tensors, order)
     md = merge_metadata(items, family, report, title, rank=rank, energy=energy)
     return LoraWeights(tensors=tensors, metadata=md, family=family), report
 
@@ -257,12 +258,12 @@ def family_metadata(family: str | None, fallback: dict) -> dict[str, str]:
 
 
 def network_metadata(ranks: dict[str, int]) -> dict[str, str]:
-    """ss_network_* for a plain LoRA whose alpha equals each module's rank (scale 1)."""
+    """ss_network_* for a plain LoRA whose modules share alpha = the largest rank."""
     max_rank = max(ranks.values()) if ranks else 0
     return {
         "ss_network_module": "networks.lora",
         "ss_network_dim": str(max_rank),
-        "ss_network_alpha": str(max_rank) if len(set(ranks.values())) <= 1 else "Dynamic",
+        "ss_network_alpha": str(max_rank),  # every module shares it (common_alpha)
         "ss_network_args": json.dumps({}),
     }
 

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .families import check_family
-from .lowrank import lowrank_from_delta
+from .lowrank import common_alpha, lowrank_from_delta
 from .modules import dora_weight
 from .names import ALPHA, DORA, DOWN, UP, te_name, te_prefixes, unet_name
 
@@ -211,6 +211,15 @@ def _collect(model, adapter_name: str, path_fn, out: dict, result: ExportResult,
     return n
 
 
+def _most_common_alpha(tensors: dict, skip) -> float | None:
+    """The alpha most unbaked modules share (diffusers applies only that one to attention modules)."""
+    counts: dict[float, int] = {}
+    for k, t in tensors.items():
+        if k.endswith(ALPHA) and k[: -len(ALPHA)] not in skip:
+            counts[float(t.item())] = counts.get(float(t.item()), 0) + 1
+    return max(counts, key=counts.get) if counts else None
+
+
 def export_kohya(family: str, unet=None, text_encoders=(), adapter_name: str = "default", bake: str = "none",
                  bake_rank: int | None = None) -> ExportResult:
     """kohya/LyCORIS tensors (with counts, bake errors and warnings) from peft adapters; see the module doc."""
@@ -234,6 +243,8 @@ def export_kohya(family: str, unet=None, text_encoders=(), adapter_name: str = "
         if te is not None:
             total += _collect(te, adapter_name, lambda p, pre=prefix: te_name(pre, p), result.tensors, result,
                               bake, bake_rank)
+    if result.bake_errors:
+        common_alpha(result.tensors, list(result.bake_errors), _most_common_alpha(result.tensors, result.bake_errors))
     if total == 0:
         raise ValueError(
             f"No LoRA layers for adapter {adapter_name!r} were found on the given models; attach one with "

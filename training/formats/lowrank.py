@@ -69,3 +69,28 @@ def exact_rank(delta: torch.Tensor) -> int:
         return 1
     tol = float(s[0]) * max(delta.shape[0], delta[0].numel()) * 1e-7
     return max(1, int((s > tol).sum()))
+
+
+def common_alpha(tensors: dict, names, shared: float | None = None) -> None:
+    """Give the plain-LoRA modules ``names`` one shared alpha (default: the largest rank among them), folding each
+    module's own alpha/rank into its ``lora_up`` so every loader computes the same change.
+
+    diffusers keeps only the most common alpha for attention modules (their ``alpha_pattern`` keys match
+    nothing; lora-format.md §8), so per-module alphas from SVD ranks would load wrong there.
+    """
+    from .names import ALPHA, DOWN, UP
+
+    names = [n for n in names if n + DOWN in tensors]
+    if not names:
+        return
+    if shared is None:
+        shared = float(max(int(tensors[n + DOWN].shape[0]) for n in names))
+    for n in names:
+        r = int(tensors[n + DOWN].shape[0])
+        alpha = tensors.get(n + ALPHA)
+        scale = 1.0 if alpha is None else float(alpha.float().item()) / r
+        factor = scale * r / shared
+        if factor != 1.0:
+            up = tensors[n + UP]
+            tensors[n + UP] = (up.float() * factor).to(up.dtype)
+        tensors[n + ALPHA] = torch.tensor(shared, dtype=torch.float32)
