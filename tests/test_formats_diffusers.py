@@ -89,11 +89,13 @@ def test_diffusers_load_lora_weights_reproduces_trained_outputs(tmp_path, family
                           LoraWeights(result.tensors, make_metadata(RunInfo(family=family)), family))
 
     fresh = build_tiny_components(family, seed=0)
+    before = _unet_out(fresh.unet, family)
     pipe = _pipeline(family, fresh)
     pipe.load_lora_weights(str(tmp_path), weight_name="l.safetensors")
     tol = 1e-4
-    assert _rel(_unet_out(pipe.unet, family), _unet_out(unet, family)) < tol
-    assert _unet_out(fresh.unet, family).ne(_unet_out(build_tiny_components(family, seed=0).unet, family)).any()
+    after = _unet_out(pipe.unet, family)
+    assert _rel(after, _unet_out(unet, family)) < tol
+    assert _rel(after, before) > 100 * tol  # the LoRA matters, so the match above means something
     for te_loaded, te_trained in zip([pipe.text_encoder] + ([pipe.text_encoder_2] if family == "sdxl" else []),
                                      trained.text_encoders):
         assert _rel(_te_out(te_loaded), _te_out(te_trained)) < tol

@@ -32,7 +32,7 @@ from .formats.families import (
     PREDICTION_TYPE,
 )
 from .formats.kohya import LoraWeights, module_names
-from .formats.lowrank import common_alpha, exact_rank, lowrank_from_delta
+from .formats.lowrank import common_alpha, exact_rank, lowrank_from_delta, lowrank_from_factors
 from .formats.metadata import MODELSPEC_VERSION
 from .formats.modules import has_dora, module_delta, module_kind, module_scale
 from .formats.names import ALPHA, DIFF_B, DOWN, MID, UP
@@ -181,22 +181,34 @@ def _bias(parts, name: str):
 
 
 def _factor(delta: torch.Tensor, name: str, report: MergeReport, rank, energy, dtype) -> dict[str, torch.Tensor]:
-    mat = delta.reshape(delta.shape[0], -1).double()
-    total = float((mat ** 2).sum())
     if report.mode == "exact":
         rank, energy = exact_rank(delta), None
     low = lowrank_from_delta(delta, rank=rank, energy=energy)
-    report.total_energy += total
-    report.discarded_energy += low.discarded_energy * total
+    report.total_energy += low.total_energy
+    report.discarded_energy += low.discarded_energy * low.total_energy
     if report.mode == "svd":
         report.rel_errors[name] = low.rel_error
     return {DOWN: low.down.to(dtype), UP: low.up.to(dtype), ALPHA: low.alpha}
 
 
+def _svd_of_concat(parts, name: str, report: MergeReport, rank, energy, dtype) -> dict[str, torch.Tensor]:
+    cat = _concat(parts, name, torch.float64)  # alpha == concatenated rank: scale 1
+    down, up = cat[DOWN], cat[UP]
+    shape = (up.shape[0],) + tuple(down.shape[1:])
+    low = lowrank_from_factors(up.reshape(up.shape[0], -1), down.reshape(down.shape[0], -1), shape, rank, energy)
+    report.total_energy += low.total_energy
+    report.discarded_energy += low.discarded_energy * low.total_energy
+    report.rel_errors[name] = low.rel_error
+    return {DOWN: low.down.to(dtype), UP: low.up.to(dtype), ALPHA: low.alpha}
+
+
 def _merge_module(parts, name: str, report: MergeReport, rank, energy, dtype) -> dict[str, torch.Tensor]:
     out: dict[str, torch.Tensor] = {}
-    if report.mode == "exact" and all(_is_plain(w, name) for w, _ in parts):
+    plain = all(_is_plain(w, name) for w, _ in parts)
+    if report.mode == "exact" and plain:
         out = _concat(parts, name, dtype)
+    elif report.mode == "svd" and plain:
+        out = _svd_of_concat(parts, name, report, rank, energy, dtype)
     else:
         delta = _summed_delta(parts, name)
         if delta is not None:

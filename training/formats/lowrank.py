@@ -15,6 +15,7 @@ class LowRank:
     rank: int
     rel_error: float        # ||delta - up@down||_F / ||delta||_F  (0 for a zero delta)
     discarded_energy: float  # sum of the dropped sigma^2 / sum of all sigma^2
+    total_energy: float = 0.0  # sum of all sigma^2 = ||delta||_F^2
 
 
 def choose_rank(s: torch.Tensor, rank: int | None, energy: float | None) -> int:
@@ -59,7 +60,28 @@ def lowrank_from_delta(delta: torch.Tensor, rank: int | None = None, energy: flo
         down = down.reshape(k, shape[1], shape[2], shape[3])
         up = up.reshape(shape[0], k, 1, 1)
     return LowRank(down.contiguous(), up.contiguous(), torch.tensor(float(k), dtype=torch.float32), k, rel,
-                   dropped / total if total > 0 else 0.0)
+                   dropped / total if total > 0 else 0.0, total)
+
+
+def lowrank_from_factors(up: torch.Tensor, down: torch.Tensor, shape, rank: int | None = None,
+                         energy: float | None = None, dtype: torch.dtype = torch.float32) -> LowRank:
+    """:func:`lowrank_from_delta` of ``up @ down`` (``up`` [out, R], ``down`` [R, in*k*k]) without forming it:
+    QR of both factors, then the SVD of the small R x R core. Same result, far less work when R << out, in."""
+    qu, ru = torch.linalg.qr(up.double())
+    qd, rd = torch.linalg.qr(down.double().t())
+    u, s, vh = torch.linalg.svd(ru @ rd.t(), full_matrices=False)
+    k = choose_rank(s, rank, energy)
+    e = s ** 2
+    total = float(e.sum())
+    dropped = float(e[k:].sum())
+    new_up = ((qu @ u[:, :k]) * s[:k]).to(dtype)
+    new_down = (vh[:k] @ qd.t()).to(dtype)
+    shape = tuple(shape)
+    if len(shape) == 4:
+        new_down = new_down.reshape(k, shape[1], shape[2], shape[3])
+        new_up = new_up.reshape(shape[0], k, 1, 1)
+    return LowRank(new_down.contiguous(), new_up.contiguous(), torch.tensor(float(k), dtype=torch.float32), k,
+                   (dropped / total) ** 0.5 if total > 0 else 0.0, dropped / total if total > 0 else 0.0, total)
 
 
 def exact_rank(delta: torch.Tensor) -> int:
