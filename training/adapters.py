@@ -1,12 +1,106 @@
-"""Adapters: which modules get a LoRA, and attaching it through peft."""
+"""Adapters: which modules get an adapter (presets, custom patterns) and attaching it through peft.
+
+Adapter types: LoRA, DoRA (``LoraConfig(use_dora=True)``), LoHa and LoKr (peft's LyCORIS tuners), all
+attached with ``model.add_adapter(config)``. Target presets:
+
+- ``attention``: the UNet's attention projections (``to_q``, ``to_k``, ``to_v``, ``to_out.0``);
+- ``attention_ff``: kohya's default: attention + feed-forward (``ff.net.0.proj``, ``ff.net.2``) + the
+  transformer blocks' ``proj_in``/``proj_out``;
+- ``full``: ``attention_ff`` + the ResNet convolutions (``conv1``, ``conv2``, ``conv_shortcut``) and the
+  down/up-sampler convolutions: LoCon. 3x3 convolutions get ``conv_rank``/``conv_alpha``;
+- ``custom``: ``target_modules``, a regex (matched against the full module name) or comma-separated names.
+
+Text encoders get the attention projections (``attention``) or attention + MLP (other presets).
+"""
 
 from __future__ import annotations
 
-# Attention projections of every transformer block (self- and cross-attention). The VAE's attention is
-# never touched because adapters are attached to the UNet only.
-ATTENTION_TARGETS = r".*attn[12]\.(to_q|to_k|to_v|to_out\.0)$"
+import re
 
-TARGET_PATTERNS = {"attention": ATTENTION_TARGETS}
+import torch
+
+_UNET_ATTENTION = r"attn[12]\.(to_q|to_k|to_v|to_out\.0)"
+_UNET_FF = r"ff\.net\.(0\.proj|2)"
+_UNET_PROJ = r"attentions\.\d+\.(proj_in|proj_out)"
+_UNET_CONV3 = r"(resnets\.\d+\.(conv1|conv2)|(downsamplers|upsamplers)\.0\.conv)"
+_UNET_CONV1 = r"resnets\.\d+\.conv_shortcut"
+
+ATTENTION_TARGETS = rf".*{_UNET_ATTENTION}$"
+
+TARGET_PATTERNS = {
+    "attention": ATTENTION_TARGETS,
+    "attention_ff": rf".*({_UNET_ATTENTION}|{_UNET_FF}|{_UNET_PROJ})$",
+    "full": rf".*({_UNET_ATTENTION}|{_UNET_FF}|{_UNET_PROJ}|{_UNET_CONV3}|{_UNET_CONV1})$",
+}
+TE_TARGETS = {
+    "attention": r".*self_attn\.(q_proj|k_proj|v_proj|out_proj)$",
+    "mlp": r".*(self_attn\.(q_proj|k_proj|v_proj|out_proj)|mlp\.(fc1|fc2))$",
+}
+_REGEX_CHARS = set(".*+?[](){}|^$\\")
+
+
+class AdapterError(ValueError):
+    """An adapter setting that cannot be applied; the message names the key and the fix."""
+
+
+def unet_targets(target: str, custom: str = ""):
+    if target == "custom":
+        custom = custom.strip()
+        if any(c in _REGEX_CHARS for c in custom):
+            try:
+                re.compile(custom)
+            except re.error as e:
+                raise AdapterError(f"target_modules = {custom!r}: not a valid regex ({e})") from None
+            return custom
+        return [name.strip() for name in custom.split(",") if name.strip()]
+    return TARGET_PATTERNS[target]
+
+
+def te_targets(target: str) -> str:
+    return TE_TARGETS["attention" if target == "attention" else "mlp"]
+
+
+def make_peft_config(adapter: str, rank: int, alpha: float, targets, *, conv_rank: int = 0, conv_alpha: float = 0.0,
+                     rslora: bool = False, conv: bool = False):
+    """The peft config for one model. ``conv``: give 3x3 convolutions their own rank/alpha (LoCon)."""
+    rank_pattern, alpha_pattern = {}, {}
+    if conv and (conv_rank or conv_alpha):
+        c_rank = conv_rank or rank
+        rank_pattern[_UNET_CONV3] = c_rank
+        alpha_pattern[_UNET_CONV3] = conv_alpha or float(c_rank)
+    if rslora and adapter not in ("lora", "dora"):
+        raise AdapterError(f"rslora = true applies to adapter = 'lora' or 'dora', not {adapter!r}")
+    if adapter in ("lora", "dora"):
+        from peft import LoraConfig
+
+        return LoraConfig(r=rank, lora_alpha=alpha, target_modules=targets, init_lora_weights=True,
+                          use_dora=adapter == "dora", use_rslora=rslora,
+                          rank_pattern=rank_pattern, alpha_pattern=alpha_pattern)
+    if adapter == "loha":
+        from peft import LoHaConfig
+
+        return LoHaConfig(r=rank, alpha=alpha, target_modules=targets, init_weights=True,
+                          rank_pattern=rank_pattern, alpha_pattern=alpha_pattern)
+    if adapter == "lokr":
+        from peft import LoKrConfig
+
+        return LoKrConfig(r=rank, alpha=alpha, target_modules=targets, init_weights=True,
+                          rank_pattern=rank_pattern, alpha_pattern=alpha_pattern)
+    raise AdapterError(f"adapter = {adapter!r}: use one of lora, loha, lokr, dora")
+
+
+def _attach(model, peft_config, what: str, adapter_name: str):
+    model.requires_grad_(False)
+    try:
+        model.add_adapter(peft_config, adapter_name=adapter_name)
+    except ValueError as e:
+        if "not found in the base model" in str(e) or "Target modules" in str(e):
+            raise AdapterError(f"no module of the {what} matched the target modules: {e}") from None
+        raise
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not params:
+        raise AdapterError(f"no module of the {what} matched the target modules")
+    return params
 
 
 def attach_lora(unet, rank: int, alpha: float, target: str = "attention", adapter_name: str = "default"):
@@ -15,17 +109,153 @@ def attach_lora(unet, rank: int, alpha: float, target: str = "attention", adapte
     peft's default init matches kohya's: lora_A (down) kaiming-uniform, lora_B (up) zeros, so the
     adapter starts as a no-op. The caller seeds torch's RNG first for a repeatable init.
     """
-    from peft import LoraConfig
+    config = make_peft_config("lora", rank, alpha, unet_targets(target))
+    return _attach(unet, config, "UNet", adapter_name)
 
-    unet.requires_grad_(False)
-    config = LoraConfig(
-        r=rank,
-        lora_alpha=alpha,
-        target_modules=TARGET_PATTERNS[target],
-        init_lora_weights=True,
-    )
-    unet.add_adapter(config, adapter_name=adapter_name)
-    params = [p for p in unet.parameters() if p.requires_grad]
-    if not params:
-        raise RuntimeError(f"no module of the UNet matched the '{target}' target preset")
-    return params
+
+def attach_adapters(base, config, adapter_name: str = "default") -> dict[str, list]:
+    """Attach the configured adapter to the UNet and (if trained) the text encoders.
+
+    Returns {"unet": [params], "text_encoders": [[params], ...]}; untrained models get no adapter and
+    stay frozen. The caller seeds torch's RNG first.
+    """
+    groups = {"unet": [], "text_encoders": []}
+    if config.train_unet:
+        peft_config = make_peft_config(
+            config.adapter, config.rank, config.alpha, unet_targets(config.target, config.target_modules),
+            conv_rank=config.conv_rank, conv_alpha=config.conv_alpha, rslora=config.rslora,
+            conv=config.target in ("full", "custom"),
+        )
+        groups["unet"] = _attach(base.unet, peft_config, "UNet", adapter_name)
+    else:
+        base.unet.requires_grad_(False)
+    for i, encoder in enumerate(base.text_encoders):
+        if config.train_text_encoder:
+            peft_config = make_peft_config(config.adapter, config.rank, config.alpha, te_targets(config.target),
+                                           rslora=config.rslora)
+            groups["text_encoders"].append(_attach(encoder, peft_config, f"text encoder {i + 1}", adapter_name))
+        else:
+            encoder.requires_grad_(False)
+    return groups
+
+
+# ---------------------------------------------------------------------------------------------
+# continuing from an existing kohya LoRA file
+# ---------------------------------------------------------------------------------------------
+
+def _lora_layers(base, prefix_models):
+    """(kohya module name, peft LoraLayer) for every LoRA layer, named as formats/ names them."""
+    from peft.tuners.lora import LoraLayer
+
+    out = {}
+    for prefix, model, path_fn in prefix_models:
+        for raw, module in model.named_modules():
+            if isinstance(module, LoraLayer):
+                out[prefix + "_" + path_fn(raw).replace(".", "_")] = module
+    return out
+
+
+def _model_prefixes(base, include_unet: bool, include_te: bool):
+    entries = []
+    if include_unet:
+        if base.family == "sdxl":
+            from .models import unet_module_path_to_ldm
+
+            entries.append(("lora_unet", base.unet, lambda p: unet_module_path_to_ldm(p, base.unet)))
+        else:
+            entries.append(("lora_unet", base.unet, lambda p: p))
+    if include_te:
+        prefixes = ["lora_te1", "lora_te2"] if base.family == "sdxl" else ["lora_te"]
+        for prefix, te in zip(prefixes, base.text_encoders):
+            entries.append((prefix, te, lambda p: p if p.startswith("text_model.") else "text_model." + p))
+    return entries
+
+
+def read_lora_shape(path: str) -> tuple[int, float, int, float]:
+    """(rank, alpha, conv_rank, conv_alpha) of a kohya LoRA file (3x3 conv modules separately)."""
+    from .formats import load_lora_file
+
+    weights = load_lora_file(path)
+    ranks, convs = set(), set()
+    for key, tensor in weights.tensors.items():
+        if key.endswith(".lora_down.weight"):
+            name = key[: -len(".lora_down.weight")]
+            alpha = weights.tensors.get(name + ".alpha")
+            entry = (tensor.shape[0], float(alpha.item()) if alpha is not None else float(tensor.shape[0]))
+            (convs if tensor.dim() == 4 and tensor.shape[-1] > 1 else ranks).add(entry)
+    if not ranks and not convs:
+        raise AdapterError(f"network_weights = {path!r}: the file holds no plain LoRA (lora_down/lora_up) modules")
+    if len(ranks) > 1 or len(convs) > 1:
+        raise AdapterError(f"network_weights = {path!r}: modules have different ranks/alphas {sorted(ranks | convs)};"
+                           " only files with one rank (and one conv rank) can be continued")
+    rank, alpha = next(iter(ranks)) if ranks else next(iter(convs))
+    conv_rank, conv_alpha = next(iter(convs)) if convs else (0, 0.0)
+    return int(rank), alpha, int(conv_rank), conv_alpha
+
+
+@torch.no_grad()
+def load_lora_weights_into(base, path: str, include_unet: bool, include_te: bool, adapter_name: str = "default") -> int:
+    """Copy a kohya LoRA file's down/up weights into the attached peft LoRA layers. Returns modules loaded."""
+    from .formats import load_lora_file
+
+    weights = load_lora_file(path)
+    tensors = weights.tensors
+    layers = _lora_layers(base, _model_prefixes(base, include_unet, include_te))
+    file_modules = {k[: -len(".lora_down.weight")] for k in tensors if k.endswith(".lora_down.weight")}
+    trained_prefixes = tuple(p for p, _, _ in _model_prefixes(base, include_unet, include_te))
+    uncovered = sorted(m for m in file_modules if m not in layers and m.startswith(trained_prefixes))
+    if uncovered:
+        raise AdapterError(
+            f"network_weights = {path!r}: {len(uncovered)} module(s) of the file (e.g. {uncovered[0]}) are not "
+            "targeted by this run; choose the target preset the file was trained with"
+        )
+    loaded = 0
+    for name, layer in layers.items():
+        if name not in file_modules:
+            continue
+        down, up = tensors[name + ".lora_down.weight"], tensors[name + ".lora_up.weight"]
+        a, b = layer.lora_A[adapter_name].weight, layer.lora_B[adapter_name].weight
+        if a.shape != down.shape or b.shape != up.shape:
+            raise AdapterError(f"network_weights = {path!r}: {name} has shapes {tuple(down.shape)}/{tuple(up.shape)},"
+                               f" this run's adapter {tuple(a.shape)}/{tuple(b.shape)}")
+        alpha = tensors.get(name + ".alpha")
+        alpha = float(alpha.item()) if alpha is not None else float(down.shape[0])
+        a.copy_(down.to(a.dtype))
+        # fold any difference between the file's alpha/r and this layer's scaling into the up weights
+        b.copy_((up.float() * (alpha / down.shape[0]) / float(layer.scaling[adapter_name])).to(b.dtype))
+        loaded += 1
+    if loaded == 0:
+        raise AdapterError(f"network_weights = {path!r}: no module of the file matches this model's adapters")
+    return loaded
+
+
+# ---------------------------------------------------------------------------------------------
+# QLoRA: a 4-bit base through bitsandbytes (CUDA only)
+# ---------------------------------------------------------------------------------------------
+
+def check_quantize_available(device) -> None:
+    if torch.device(device).type != "cuda":
+        raise AdapterError("quantize_base = '4bit' (QLoRA) needs a CUDA GPU and bitsandbytes; "
+                           "on this device use quantize_base = 'none'")
+    try:
+        import bitsandbytes  # noqa: F401
+    except ImportError:
+        raise AdapterError("quantize_base = '4bit' needs the bitsandbytes package: pip install bitsandbytes") from None
+
+
+def quantize_linear_4bit(model, device, compute_dtype=torch.bfloat16) -> int:
+    """Replace the model's nn.Linear layers by bitsandbytes NF4 layers on ``device`` (before attaching)."""
+    import bitsandbytes as bnb
+
+    count = 0
+    for name, module in list(model.named_modules()):
+        for child_name, child in list(module.named_children()):
+            if type(child) is torch.nn.Linear:
+                q = bnb.nn.Linear4bit(child.in_features, child.out_features, bias=child.bias is not None,
+                                      compute_dtype=compute_dtype, quant_type="nf4")
+                q.weight = bnb.nn.Params4bit(child.weight.data.cpu(), requires_grad=False, quant_type="nf4")
+                if child.bias is not None:
+                    q.bias = torch.nn.Parameter(child.bias.data.clone(), requires_grad=False)
+                setattr(module, child_name, q.to(device))
+                count += 1
+    return count

@@ -35,6 +35,13 @@ def _print_events(log_every: int):
                 print(f"step {step}/{total}  loss {event['loss']:.5f}  {rate:.2f} steps/s  eta {eta:.0f}s", flush=True)
         elif kind == "saved":
             print(f"wrote {event['path']}", flush=True)
+        elif kind == "checkpoint":
+            print(f"step {event['step']}: saved {event['path']}", flush=True)
+        elif kind == "state":
+            print(f"step {event['step']}: saved training state {event['path']} (resume_from = this file)", flush=True)
+        elif kind == "sample":
+            where = f" -> {os.path.dirname(event['paths'][0])}" if event.get("paths") else ""
+            print(f"step {event['step']}: {len(event['images'])} sample image(s){where}", flush=True)
         last["t"] = time.time()
 
     return handle
@@ -76,6 +83,8 @@ def run_training(config) -> int:
 
     with _StopOnCtrlC() as stop:
         result = train(config, events=_print_events(config.log_every), should_stop=stop)
+    if os.environ.get("RANK", "0") != "0" or not result.losses:  # other processes of accelerate launch
+        return 0
     first, last = result.losses[0], sum(result.losses[-10:]) / len(result.losses[-10:])
     print(f"done: {result.steps_done} steps in {result.seconds:.1f}s; loss {first:.4f} -> {last:.4f} (mean of last 10)")
     return 0

@@ -12,7 +12,17 @@ import os
 from dataclasses import dataclass, field
 
 PRECISIONS = ("fp32", "bf16", "fp16")
-TARGET_PRESETS = ("attention",)
+TARGET_PRESETS = ("attention", "attention_ff", "full", "custom")
+ADAPTERS = ("lora", "loha", "lokr", "dora")
+OPTIMIZERS = ("adamw", "adamw8bit", "prodigy", "lion", "adafactor", "sgd")
+LR_SCHEDULERS = (
+    "constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial",
+)
+LOSS_TYPES = ("mse", "l1", "huber", "smooth_l1")
+CACHE_MODES = ("memory", "disk", "none")
+ATTENTION_BACKENDS = ("sdpa", "eager")
+QUANTIZE = ("none", "4bit")
+SAMPLERS = ("euler", "euler_a", "ddim", "dpm++")
 DEVICES = ("auto", "cpu", "cuda", "mps")
 
 
@@ -65,7 +75,78 @@ class TrainConfig:
     trigger_word: str = ""
     family: str | None = None
     log_every: int = 10
+    # adapters
+    adapter: str = "lora"
+    target_modules: str = ""
+    conv_rank: int = 0
+    conv_alpha: float = 0.0
+    rslora: bool = False
+    train_unet: bool = True
+    train_text_encoder: bool = False
+    text_encoder_lr: float | None = None
+    network_weights: str = ""
+    quantize_base: str = "none"
+    # optimisation
+    optimizer: str = "adamw"
+    optimizer_args: dict = field(default_factory=dict)
+    weight_decay: float = 1e-2
+    lr_scheduler: str = "constant"
+    lr_warmup_steps: float = 0.0
+    lr_scheduler_num_cycles: int = 1
+    lr_scheduler_power: float = 1.0
+    loss_type: str = "mse"
+    huber_c: float = 0.1
+    min_snr_gamma: float = 0.0
+    noise_offset: float = 0.0
+    min_timestep: int = 0
+    max_timestep: int = 1000
+    zero_terminal_snr: bool = False
+    gradient_checkpointing: bool = False
+    attention: str = "sdpa"
+    # data
+    enable_bucket: bool = False
+    min_bucket_reso: int = 256
+    max_bucket_reso: int = 1024
+    bucket_reso_steps: int = 64
+    bucket_no_upscale: bool = False
+    shuffle_caption: bool = False
+    keep_tokens: int = 0
+    caption_separator: str = ","
+    caption_dropout_rate: float = 0.0
+    caption_tag_dropout_rate: float = 0.0
+    caption_dropout_every_n_epochs: int = 0
+    cache_latents: str = "memory"
+    cache_dir: str = ""
+    cache_text_embeddings: bool = True
+    # runs
+    save_every_n_steps: int = 0
+    keep_last_n: int = 0
+    save_state: bool = False
+    save_state_on_stop: bool = True
+    state_dir: str = ""
+    resume_from: str = ""
+    early_stopping_patience: int = 0
+    early_stopping_min_delta: float = 0.0
+    early_stopping_smoothing: float = 0.9
+    sample_every_n_steps: int = 0
+    sample_prompts: list = field(default_factory=list)
+    sample_negative_prompt: str = ""
+    sample_seed: int = 0
+    sample_steps: int = 20
+    sample_cfg: float = 7.0
+    sample_sampler: str = "euler"
+    sample_resolution: int = 0
     extra: dict = field(default_factory=dict)
+
+    @property
+    def effective_text_encoder_lr(self) -> float:
+        """The text encoders' learning rate: ``text_encoder_lr`` or half the UNet's."""
+        return self.learning_rate / 2 if self.text_encoder_lr is None else float(self.text_encoder_lr)
+
+    def warmup_steps(self) -> int:
+        """``lr_warmup_steps`` as a step count (a value below 1 is a fraction of ``steps``)."""
+        w = float(self.lr_warmup_steps)
+        return int(round(w * self.steps)) if 0 < w < 1 else int(w)
 
     def validate(self) -> "TrainConfig":
         def need(cond, key, message):
@@ -92,6 +173,49 @@ class TrainConfig:
         need(self.max_grad_norm >= 0, "max_grad_norm", "use 0 (off) or a positive number")
         need(self.precision in PRECISIONS, "precision", f"use one of {', '.join(PRECISIONS)}")
         need(self.target in TARGET_PRESETS, "target", f"use one of {', '.join(TARGET_PRESETS)}")
+        need(self.target != "custom" or bool(self.target_modules.strip()), "target_modules",
+             "target = 'custom' needs target_modules: a regex or comma-separated module names")
+        need(self.adapter in ADAPTERS, "adapter", f"use one of {', '.join(ADAPTERS)}")
+        need(isinstance(self.conv_rank, int) and 0 <= self.conv_rank <= 1024, "conv_rank", "use 0 (= rank) to 1024")
+        need(self.conv_alpha >= 0, "conv_alpha", "use 0 (= conv_rank) or a positive number")
+        need(self.train_unet or self.train_text_encoder, "train_unet",
+             "train the UNet, the text encoder(s) or both (train_text_encoder = true)")
+        need(self.text_encoder_lr is None or 0 <= self.text_encoder_lr < 1, "text_encoder_lr",
+             "use a number from 0 to 1, or leave it out for half the learning_rate")
+        need(self.quantize_base in QUANTIZE, "quantize_base", f"use one of {', '.join(QUANTIZE)}")
+        need(self.optimizer in OPTIMIZERS, "optimizer", f"use one of {', '.join(OPTIMIZERS)}")
+        need(isinstance(self.optimizer_args, dict), "optimizer_args", "use a table, e.g. {betas = [0.9, 0.99]}")
+        need(self.weight_decay >= 0, "weight_decay", "use 0 or a positive number")
+        need(self.lr_scheduler in LR_SCHEDULERS, "lr_scheduler", f"use one of {', '.join(LR_SCHEDULERS)}")
+        need(0 <= self.lr_warmup_steps and (self.lr_warmup_steps < 1 or float(self.lr_warmup_steps).is_integer()),
+             "lr_warmup_steps", "use a step count, or a fraction below 1 of steps")
+        need(self.lr_scheduler_num_cycles >= 1, "lr_scheduler_num_cycles", "use 1 or more")
+        need(self.loss_type in LOSS_TYPES, "loss_type", f"use one of {', '.join(LOSS_TYPES)}")
+        need(self.huber_c > 0, "huber_c", "use a positive number (0.1 is kohya's default)")
+        need(self.min_snr_gamma >= 0, "min_snr_gamma", "use 0 (off) or a positive number (5 is common)")
+        need(self.noise_offset >= 0, "noise_offset", "use 0 (off) or a small positive number (0.05-0.1)")
+        need(0 <= self.min_timestep < self.max_timestep <= 1000, "min_timestep",
+             "use 0 <= min_timestep < max_timestep <= 1000")
+        need(self.attention in ATTENTION_BACKENDS, "attention", f"use one of {', '.join(ATTENTION_BACKENDS)}")
+        for key in ("min_bucket_reso", "max_bucket_reso"):
+            need(isinstance(getattr(self, key), int) and getattr(self, key) >= 64, key, "use 64 or more")
+        need(self.min_bucket_reso <= self.max_bucket_reso, "min_bucket_reso", "must not exceed max_bucket_reso")
+        need(self.bucket_reso_steps >= 8 and self.bucket_reso_steps % 8 == 0, "bucket_reso_steps",
+             "use a multiple of 8 (64 is usual)")
+        need(self.keep_tokens >= 0, "keep_tokens", "use 0 or more")
+        for key in ("caption_dropout_rate", "caption_tag_dropout_rate"):
+            need(0 <= getattr(self, key) <= 1, key, "use a fraction from 0 to 1")
+        need(self.caption_dropout_every_n_epochs >= 0, "caption_dropout_every_n_epochs", "use 0 (off) or more")
+        need(self.cache_latents in CACHE_MODES, "cache_latents", f"use one of {', '.join(CACHE_MODES)}")
+        for key in ("save_every_n_steps", "keep_last_n", "early_stopping_patience", "sample_every_n_steps"):
+            need(isinstance(getattr(self, key), int) and getattr(self, key) >= 0, key, "use 0 (off) or more")
+        need(0 <= self.early_stopping_smoothing < 1, "early_stopping_smoothing", "use a number from 0 to below 1")
+        need(isinstance(self.sample_prompts, list) and all(isinstance(p, str) for p in self.sample_prompts),
+             "sample_prompts", "use a list of strings")
+        need(self.sample_sampler in SAMPLERS, "sample_sampler", f"use one of {', '.join(SAMPLERS)}")
+        need(self.sample_steps >= 1, "sample_steps", "use 1 or more")
+        need(self.sample_resolution == 0 or self.sample_resolution % 8 == 0, "sample_resolution",
+             "use 0 (= resolution) or a multiple of 8")
         need(self.device in DEVICES or self.device.startswith("cuda:"), "device", f"use one of {', '.join(DEVICES)}")
         if self.output_name.lower().endswith(".safetensors"):
             self.output_name = self.output_name[: -len(".safetensors")]
@@ -109,7 +233,8 @@ class TrainConfig:
             )
         kwargs = dict(values)
         for f in dataclasses.fields(cls):
-            if f.name in kwargs and f.type in ("float",) and isinstance(kwargs[f.name], int):
+            if f.name in kwargs and f.type in ("float", "float | None") and isinstance(kwargs[f.name], int) \
+                    and not isinstance(kwargs[f.name], bool):
                 kwargs[f.name] = float(kwargs[f.name])
         return cls(**kwargs)
 
@@ -130,7 +255,8 @@ class TrainConfig:
         base = os.path.dirname(os.path.abspath(path))
         config = cls.from_dict(values, source=path)
         # Relative paths in a config file are relative to that file, not to the shell's folder.
-        for key in ("checkpoint", "dataset", "output_dir", "tokenizer"):
+        for key in ("checkpoint", "dataset", "output_dir", "tokenizer", "network_weights", "resume_from", "cache_dir",
+                    "state_dir"):
             value = getattr(config, key)
             if value and not os.path.isabs(value):
                 setattr(config, key, os.path.normpath(os.path.join(base, value)))
