@@ -131,6 +131,11 @@ def test_export_round_trip_is_exact(bases, tmp_path, family, variant):
         assert result.warnings and "A1111" in result.warnings[0]
     if variant != "lora" and variant != "lokr_full":
         assert convs > 0
+    net = result.network_metadata()  # ss_network_module / ss_network_args for the header
+    assert net["network_module"] == ("networks.lora" if variant in ("lora", "locon") else "lycoris.kohya")
+    if variant.startswith(("loha", "lokr")):
+        assert net["network_args"]["algo"] == variant.split("_")[0]
+    assert ("conv_dim" in net["network_args"]) == (convs > 0)
 
 
 @pytest.mark.parametrize("variant", ["dora", "loha", "lokr"])

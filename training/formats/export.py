@@ -25,7 +25,7 @@ import torch
 
 from .families import check_family
 from .lowrank import common_alpha, lowrank_from_delta
-from .modules import dora_weight
+from .modules import _CONV3_RE, dora_weight, module_rank
 from .names import ALPHA, DORA, DOWN, UP, te_name, te_prefixes, unet_name
 
 logger = logging.getLogger(__name__)
@@ -46,6 +46,24 @@ class ExportResult:
     kinds: dict[str, int] = field(default_factory=dict)          # adapter kind -> module count
     bake_errors: dict[str, float] = field(default_factory=dict)  # module -> relative Frobenius error
     warnings: list[str] = field(default_factory=list)
+
+    def network_metadata(self) -> dict:
+        """``ss_network_module`` / ``ss_network_args`` values A1111 and Civitai show for this export
+        (LyCORIS types: ``lycoris.kohya`` with ``algo``; DoRA: ``dora_wd``), for RunInfo."""
+        kinds = {k.split(" ")[0] for k in self.kinds if not k.startswith("lora (baked")}
+        args: dict = {}
+        if kinds & {"loha", "lokr"}:
+            args["algo"] = "loha" if "loha" in kinds else "lokr"
+        if "dora" in kinds:
+            args["dora_wd"] = True
+            args.setdefault("algo", "lora")
+        module = "lycoris.kohya" if args else "networks.lora"
+        names = {k.split(".", 1)[0] for k in self.tensors}
+        conv_ranks = [module_rank(self.tensors, n) for n in names if _CONV3_RE.search(n)]
+        conv_ranks = [r for r in conv_ranks if r is not None]
+        if conv_ranks:
+            args["conv_dim"] = max(conv_ranks)
+        return {"network_module": module, "network_args": args}
 
     @property
     def bake_error_overall(self) -> float | None:
