@@ -53,6 +53,12 @@ function makePanel(node) {
   });
   widget.serialize = false; // keep it out of widgets_values: saved workflows stay positional-compatible
   const panel = { root, status, canvas, estimate, samples, widget, shownSample: null };
+  node.__loratrainerPanel = panel; // node ids are assigned after nodeCreated when a graph loads
+  return panel;
+}
+
+function panelFor(node) {
+  const panel = node.__loratrainerPanel ?? makePanel(node);
   panels.set(String(node.id), panel);
   return panel;
 }
@@ -121,8 +127,7 @@ function refresh(nodeId) {
   const state = runs.get(String(nodeId));
   const node = nodeFor(nodeId);
   if (!state || !node || node.comfyClass !== TRAIN_NODE) return;
-  const panel = panels.get(String(node.id)) ?? makePanel(node);
-  draw(panel, state);
+  draw(panelFor(node), state);
   node.setDirtyCanvas?.(true, false);
 }
 
@@ -195,7 +200,7 @@ app.registerExtension({
   },
   async nodeCreated(node) {
     if (node.comfyClass === TRAIN_NODE) {
-      makePanel(node);
+      panelFor(node);
       if (runs.has(String(node.id))) refresh(node.id);
     }
   },
