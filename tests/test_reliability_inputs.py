@@ -311,8 +311,6 @@ def test_node_refuses_batch_larger_than_the_dataset(node_host):
     assert os.listdir(node_host.loras_directory()) == []
 
 
-@pytest.mark.xfail(reason="BACKEND (training/loop.py): train() should refuse batch_size > dataset.num_samples "
-                          "the way the Train LoRA node does; today it repeats samples inside a batch", strict=False)
 def test_train_refuses_batch_larger_than_the_dataset(tmp_path, checkpoint):
     out = tmp_path / "out"
     with pytest.raises((ConfigError, DatasetError), match="batch_size"):
