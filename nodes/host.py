@@ -88,6 +88,20 @@ class ComfyHost:
 
         return folder_paths.get_folder_paths("loras")[0]
 
+    def state_directory(self) -> str:
+        """Where Train LoRA keeps resumable states (``<name>_state_step<N>.pt``): ``output/loratrainer_state``.
+
+        Not models/loras: ``.pt`` is one of that folder's LoRA extensions, so every state showed up in
+        LoraLoader's list, and a state (adapter + optimizer + RNG) is no LoRA. Not another ``models/``
+        folder either: states are a run's by-products, not models, and ``extra_model_paths.yaml`` setups
+        often share ``models/`` between installs. The output folder is where a user looks for what a run
+        wrote (ComfyUI's own SaveLoRA writes to ``output/loras``), it follows ``--output-directory`` and
+        ``--base-directory``, and folder_paths never lists it as a model folder.
+        """
+        import folder_paths
+
+        return os.path.join(folder_paths.get_output_directory(), "loratrainer_state")
+
     def tokenizer_dir(self) -> str:
         """The CLIP tokenizer every ComfyUI install bundles (no download needed)."""
         import comfy.sd1_clip
@@ -302,14 +316,17 @@ def comfy_extension(specs: list[type[NodeSpec]]):
 
 
 def clean_stale_saves_at_start() -> None:
-    """At ComfyUI's start: remove temp files of saves a crash or SIGKILL cut off in models/loras."""
+    """At ComfyUI's start: remove temp files of saves a crash or SIGKILL cut off in models/loras and in
+    the state folder."""
     from .train import clean_stale_saves
 
-    try:
-        folder = get_host().loras_directory()  # the only folder this package writes LoRAs to
-    except Exception:  # no folder_paths (scripts)
-        return
-    clean_stale_saves(folder)
+    host = get_host()
+    for name in ("loras_directory", "state_directory"):  # the folders this package writes LoRAs and states to
+        try:
+            folder = getattr(host, name)()
+        except Exception:  # no folder_paths (scripts)
+            continue
+        clean_stale_saves(folder)
 
 
 # -- HTTP: the run records the Train LoRA node's chart re-draws from ------------------------------------

@@ -34,7 +34,8 @@ class RunRecord:
         self.status = "starting"  # starting -> running -> done | interrupted | error
         self.message = ""
         self.step = 0
-        self.first_step = 0  # a resumed run starts counting from the step it resumed at
+        self.first_step = 0  # the step before losses[0] (0: the curve starts at step 1)
+        self.resumed_at = 0  # a resumed run: the step it continued from (its elapsed time counts from there)
         self.total = int(total)
         self.losses: list[float] = []
         self.elapsed = 0.0
@@ -62,6 +63,7 @@ class RunRecord:
         out.update(
             message=self.message,
             first_step=self.first_step,
+            resumed_at=self.resumed_at,
             losses=list(self.losses),
             elapsed=self.elapsed,
             samples=[dict(s) for s in self.samples],

@@ -64,13 +64,27 @@ def config_fields() -> set[str]:
     return {f.name for f in dataclasses.fields(TrainConfig)}
 
 
-def state_path_for(output_dir: str, output_name: str) -> str | None:
-    """The newest resumable state a cancelled (or periodically saved) run of ``output_name`` left."""
+def state_path_for(folders, output_name: str) -> str | None:
+    """The newest (highest step) resumable state a cancelled or periodically saved run of ``output_name``
+    left in any of ``folders`` (the state folder, and models/loras where older versions wrote them)."""
+    import re
+
     try:
         from ..training.state import latest_state
     except ImportError:
         return None
-    return latest_state(output_dir, output_name)
+    if isinstance(folders, (str, os.PathLike)):
+        folders = [folders]
+    found = [p for p in (latest_state(f, output_name) for f in dict.fromkeys(folders) if f) if p]
+    if not found:
+        return None
+    return max(found, key=lambda p: int(re.search(r"_state_step(\d+)\.pt$", p).group(1)))
+
+
+def state_directory(host) -> str | None:
+    """The host's folder for resumable states (outside models/loras, so LoRA lists never show them)."""
+    get = getattr(host, "state_directory", None)
+    return get() if get is not None else None
 
 
 def tokenizer_for_checkpoint(host, path: str) -> str | None:
@@ -225,14 +239,20 @@ class TrainLoRA(NodeSpec):
             values[key] = value
         if "save_state_on_stop" in known:
             values.setdefault("save_state_on_stop", True)
+        states = state_directory(host)
+        if states and "state_dir" in known:
+            values["state_dir"] = states
         config = TrainConfig(**{k: v for k, v in values.items() if k in known})
         if resume:
             if "resume_from" not in known:
                 raise NodeError("resume: this version of the trainer cannot resume; switch resume off")
-            state = state_path_for(config.output_dir, config.output_name)
+            # the state folder first; models/loras holds the states of runs from before it existed
+            state = state_path_for([getattr(config, "state_dir", "") or config.output_dir, config.output_dir],
+                                   config.output_name)
             if state is None:
+                where = f"{states} (nor in models/loras)" if states else "models/loras"
                 raise NodeError(
-                    f"resume: no saved state for '{config.output_name}' in models/loras; a run saves one when it "
+                    f"resume: no saved state for '{config.output_name}' in {where}; a run saves one when it "
                     "is cancelled or every save_every steps. Switch resume off to start afresh."
                 )
             config.resume_from = state
@@ -324,6 +344,8 @@ class TrainLoRA(NodeSpec):
             )
 
         clean_stale_saves(config.output_dir)
+        if getattr(config, "state_dir", ""):
+            clean_stale_saves(config.state_dir)
         host.free_memory()  # ComfyUI's models go first: the estimate compares against what is then free
         est = cls.preflight(host, config, memory_limit_gb)
         prompt_id, context_node = host.executing()
@@ -346,7 +368,18 @@ class TrainLoRA(NodeSpec):
 
         def on_event(event):
             kind = event.get("type")
-            if kind == "step":
+            if kind == "start" and event.get("losses"):
+                # resumed: the earlier losses (kept in the state) come first, so the record, the live chart
+                # and the preview show the whole curve from step 1
+                history = [float(v) for v in event["losses"]]
+                start = int(event.get("start_step") or len(history))
+                first = max(0, start - len(history))
+                state["losses"] = list(history)
+                REGISTRY.update(run, losses=list(history), first_step=first, step=start, resumed_at=start,
+                                status="running")
+                host.send(RUN_EVENT, {**ids, "status": "running", "total": config.steps, "step": start,
+                                      "first_step": first, "resumed_at": start, "losses": history})
+            elif kind == "step":
                 step, total, loss = event["step"], event.get("total", config.steps), float(event["loss"])
                 meter.tick(step)
                 REGISTRY.add_step(run, step, total, loss, event.get("elapsed", 0.0))

@@ -56,6 +56,10 @@ class FakeHost:
     def loras_directory(self):
         return os.path.join(self.root, "models/loras")
 
+    def state_directory(self):
+        # as ComfyHost: beside the outputs, never inside models/loras (created by the first save)
+        return os.path.join(self.root, "output", "loratrainer_state")
+
     def tokenizer_dir(self):
         return self._tokenizer_dir
 

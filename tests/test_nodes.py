@@ -9,6 +9,7 @@ import torch
 from comfyui_lora_trainer.nodes import NODE_SPECS
 from comfyui_lora_trainer.nodes.apply import NO_FILE, ApplyLoRA
 from comfyui_lora_trainer.nodes.dataset import LoadDataset, dataset_folders
+from comfyui_lora_trainer.nodes import runs
 from comfyui_lora_trainer.nodes.merge import MergeLoRAs
 from comfyui_lora_trainer.nodes.spec import NodeError
 from comfyui_lora_trainer.nodes.train import TrainLoRA
@@ -78,12 +79,17 @@ def test_cancel_saves_the_work_then_resume_matches_an_uninterrupted_run(host):
     dataset = LoadDataset.execute(host, folder="shapes").values[0]
     with pytest.raises(InterruptProcessing):
         TrainLoRA.execute(host, **train_inputs(dataset, output_name="cancelled"))
-    assert sorted(os.listdir(host.loras_directory())) == [
-        "cancelled_interrupted_step2.safetensors", "cancelled_state_step2.pt"
-    ]
+    # the state goes to the host's state folder, not models/loras (where LoraLoader would list a .pt)
+    assert sorted(os.listdir(host.loras_directory())) == ["cancelled_interrupted_step2.safetensors"]
+    assert host.state_directory() != host.loras_directory()
+    assert os.listdir(host.state_directory()) == ["cancelled_state_step2.pt"]
+    cancelled_losses = list(runs.REGISTRY.get(runs.REGISTRY.summaries()[-1]["run_id"])["losses"])
+    assert len(cancelled_losses) == 2
     host.stop_after_steps = None
     resumed, loss, name = TrainLoRA.execute(host, **train_inputs(dataset, output_name="cancelled"), resume=True).values
     assert name == "cancelled.safetensors" and len(loss["loss"]) == 6
+    assert loss["loss"][:2] == cancelled_losses  # the LOSS_MAP starts at step 1, not at the resumed step
+    assert not any(n.endswith(".pt") for n in os.listdir(host.loras_directory()))
     straight, straight_loss, _ = TrainLoRA.execute(host, **train_inputs(dataset, output_name="straight")).values
     assert set(resumed.tensors) == set(straight.tensors)
     for key, value in straight.tensors.items():
@@ -91,6 +97,34 @@ def test_cancel_saves_the_work_then_resume_matches_an_uninterrupted_run(host):
     assert loss["loss"] == pytest.approx(straight_loss["loss"])
     with pytest.raises(NodeError, match="no saved state"):
         TrainLoRA.execute(host, **train_inputs(dataset, output_name="never_ran"), resume=True)
+
+
+def test_resume_finds_a_state_an_older_version_left_in_models_loras(host):
+    host.stop_after_steps = 2
+    dataset = LoadDataset.execute(host, folder="shapes").values[0]
+    with pytest.raises(InterruptProcessing):
+        TrainLoRA.execute(host, **train_inputs(dataset, output_name="old"))
+    # as an older version wrote it: next to the LoRAs
+    shutil.move(os.path.join(host.state_directory(), "old_state_step2.pt"), host.loras_directory())
+    host.stop_after_steps = None
+    _, loss, name = TrainLoRA.execute(host, **train_inputs(dataset, output_name="old"), resume=True).values
+    assert name == "old.safetensors" and len(loss["loss"]) == 6
+    assert any("resumed from" in text and "old_state_step2.pt" in text for _, text in host.texts)
+    with pytest.raises(NodeError, match="no saved state for 'never_ran' in .*loratrainer_state"):
+        TrainLoRA.execute(host, **train_inputs(dataset, output_name="never_ran"), resume=True)
+
+
+def test_resume_takes_the_newest_state_of_both_folders(host, tmp_path):
+    from comfyui_lora_trainer.nodes.train import state_path_for
+
+    old, new = host.loras_directory(), host.state_directory()
+    os.makedirs(new, exist_ok=True)
+    for folder, step in ((old, 7), (new, 5), (new, 3)):
+        open(os.path.join(folder, f"x_state_step{step}.pt"), "wb").close()
+    assert state_path_for([new, old], "x") == os.path.join(old, "x_state_step7.pt")
+    open(os.path.join(new, "x_state_step9.pt"), "wb").close()
+    assert state_path_for([new, old], "x") == os.path.join(new, "x_state_step9.pt")
+    assert state_path_for([new, old], "y") is None
 
 
 def test_apply_and_merge(host):

@@ -146,6 +146,32 @@ def test_train_reports_live_and_records_the_run(host):
     assert any("estimated peak memory" in text for _, text in host.texts)
 
 
+def test_resumed_run_carries_the_whole_loss_curve(host):
+    """Cancel at step k, resume: the record, the live messages and LOSS_MAP show steps 1..N."""
+    from fake_host import InterruptProcessing
+
+    k, steps = 2, 5
+    dataset = LoadDataset.execute(host, folder="shapes").values[0]
+    host.stop_after_steps = k
+    with pytest.raises(InterruptProcessing):
+        TrainLoRA.execute(host, **inputs(dataset, steps=steps), node_id="4")
+    first = runs.REGISTRY.get(runs.REGISTRY.summaries()[-1]["run_id"])
+    assert first["status"] == "interrupted" and len(first["losses"]) == k
+    host.stop_after_steps, host.sent = None, []
+    _, loss, _ = TrainLoRA.execute(host, **inputs(dataset, steps=steps), resume=True, node_id="4").values
+    assert len(loss["loss"]) == steps and loss["loss"][:k] == first["losses"]
+    run_id = [d for e, d in host.sent if e == PROGRESS_EVENT][0]["run_id"]
+    record = runs.REGISTRY.get(run_id)
+    assert record["losses"] == loss["loss"] and record["first_step"] == 0 and record["resumed_at"] == k
+    assert record["step"] == steps and record["status"] == "done"
+    # the live chart gets the history before the first new step, then steps k+1..N
+    resumed = [d for e, d in host.sent if e == RUN_EVENT and "losses" in d]
+    assert len(resumed) == 1 and resumed[0]["losses"] == first["losses"] and resumed[0]["step"] == k
+    assert [d["step"] for e, d in host.sent if e == PROGRESS_EVENT] == list(range(k + 1, steps + 1))
+    order = [e for e, d in host.sent]
+    assert order.index(RUN_EVENT, 1) < order.index(PROGRESS_EVENT)
+
+
 def test_train_refuses_a_setting_that_cannot_fit_before_loading(host):
     dataset = LoadDataset.execute(host, folder="shapes").values[0]
     with pytest.raises(NodeError) as info:

@@ -1,7 +1,8 @@
 """The training run, top to bottom: dataset -> caches -> base model -> adapters -> loop -> export.
 
 Hosts (the ComfyUI nodes, the CLI) call ``train(config, events=..., should_stop=...)``. Events are plain
-dicts: ``log`` {message}, ``cache`` {done, total}, ``start`` {total, images, samples, processes},
+dicts: ``log`` {message}, ``cache`` {done, total}, ``start`` {total, images, samples, processes, start_step,
+losses (a resumed run's losses up to start_step, kept in its state)},
 ``step`` {step, total, loss, lr, elapsed}, ``checkpoint`` {step, path} (a LoRA saved every N steps),
 ``state`` {step, path} (a resumable state), ``sample`` {step, images: [PIL], prompts, paths},
 ``saved`` {path} (the final LoRA), ``done`` {steps, seconds, stopped, early_stopped}. ``should_stop`` is
@@ -590,7 +591,8 @@ class _Run:
             self.log(f"resumed from {state['path']} at step {start_step}")
         self.emit({"type": "start", "total": config.steps, "images": self.dataset.num_images,
                    "samples": self.dataset.num_samples, "processes": self.world, "device": str(self.device),
-                   "precision": config.precision, "start_step": start_step})
+                   "precision": config.precision, "start_step": start_step,
+                   "losses": list(self.losses)})  # a resumed run's earlier losses, from its state
         if config.sample_every_n_steps and start_step == 0:
             self.sample(0)
         stopped = early = False

@@ -1,4 +1,5 @@
-"""Resumable training state: adapter weights, optimizer, LR schedule, RNG, step and early-stopping state.
+"""Resumable training state: adapter weights, optimizer, LR schedule, RNG, step, early-stopping state and
+the loss history (``extra["losses"]``, one per step: a resumed run reports its whole curve from step 1).
 
 One file per save, ``<output_name>_state_step<N>.pt`` (written atomically). The data order needs no
 storage: it is a function of (seed, step), so restoring the step restores it. A run resumed from the state

@@ -115,6 +115,7 @@ export class RunState {
     this.step = 0;
     this.total = 0;
     this.firstStep = 0;
+    this.resumedAt = 0; // a resumed run: the step it continued from (speed counts from there)
     this.losses = [];
     this.times = []; // [step, seconds] for speed
     this.samples = []; // [{step, images: [{filename, subfolder, type}], prompts}]
@@ -131,12 +132,13 @@ export class RunState {
     state.step = record.step;
     state.total = record.total;
     state.firstStep = record.first_step || 0;
+    state.resumedAt = record.resumed_at || state.firstStep;
     state.losses = [...(record.losses || [])];
     state.samples = [...(record.samples || [])];
     state.estimate = record.estimate || null;
     state.message = record.message || "";
-    if (record.elapsed && record.step > state.firstStep) {
-      state.rate = (record.step - state.firstStep) / record.elapsed;
+    if (record.elapsed && record.step > state.resumedAt) {
+      state.rate = (record.step - state.resumedAt) / record.elapsed;
       state.eta = (record.total - record.step) / state.rate;
     }
     return state;
@@ -152,6 +154,13 @@ export class RunState {
     if (type === "run") {
       this.status = data.status;
       if (data.total) this.total = data.total;
+      if (Array.isArray(data.losses)) {
+        // a resumed run: the losses before the resumed step, so the chart shows the whole curve
+        this.losses = [...data.losses];
+        this.firstStep = data.first_step || 0;
+        this.resumedAt = data.resumed_at || 0;
+        this.step = data.step ?? this.firstStep + this.losses.length;
+      }
       if (data.estimate) this.estimate = data.estimate;
       if (data.message || data.file) this.message = data.message || data.file;
       return true;

@@ -111,6 +111,25 @@ test("a record from GET /loratrainer/runs/{id} restores the chart", () => {
   assert.deepEqual(s.losses, [0.3, 0.2, 0.1, 0.05]);
 });
 
+test("a resumed run's first message carries the earlier losses: the chart starts at step 1", () => {
+  const s = new RunState();
+  s.apply("run", { run_id: "d", status: "starting", total: 6 });
+  s.apply("run", { run_id: "d", status: "running", total: 6, step: 3, first_step: 0, resumed_at: 3,
+    losses: [0.9, 0.8, 0.7] });
+  assert.deepEqual(s.losses, [0.9, 0.8, 0.7]);
+  assert.equal(s.firstStep, 0);
+  assert.equal(s.step, 3);
+  s.apply("progress", { run_id: "d", step: 4, total: 6, loss: 0.6 });
+  assert.deepEqual(s.losses, [0.9, 0.8, 0.7, 0.6]);
+  assert.equal(layout(s.losses, { firstStep: s.firstStep, total: 6, width: 244 }).raw[0][0], 44 + 192 / 6);
+  // a reloaded page: speed counts the steps since the resume, not from step 0
+  const r = RunState.fromRecord({ run_id: "d", status: "running", step: 5, total: 6, first_step: 0, resumed_at: 3,
+    losses: [0.9, 0.8, 0.7, 0.6, 0.5], elapsed: 4 });
+  assert.equal(r.losses.length, 5);
+  assert.equal(r.rate, 0.5);
+  assert.equal(r.eta, 2);
+});
+
 test("viewPath builds a /view query", () => {
   assert.equal(viewPath({ filename: "a b.png", subfolder: "loratrainer", type: "temp" }),
     "/view?filename=a+b.png&subfolder=loratrainer&type=temp");
