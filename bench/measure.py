@@ -33,6 +33,7 @@ def reset_peak_rss() -> bool:
 @dataclass
 class Measurement:
     seconds: float = 0.0
+    cpu_seconds: float = 0.0  # this process's CPU time: steadier than wall time on a busy machine
     peak_rss_bytes: int | None = None
     rss_before_bytes: int | None = None
 
@@ -44,11 +45,12 @@ def measured():
     m = Measurement()
     can_reset = reset_peak_rss()
     m.rss_before_bytes = _read_status("VmRSS")
-    start = time.perf_counter()
+    start, cpu_start = time.perf_counter(), time.process_time()
     try:
         yield m
     finally:
         m.seconds = time.perf_counter() - start
+        m.cpu_seconds = time.process_time() - cpu_start
         m.peak_rss_bytes = _read_status("VmHWM") if can_reset else None
 
 

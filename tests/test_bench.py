@@ -55,3 +55,38 @@ def test_gpu_step_bench_runs_on_cpu_with_a_small_unet():
                         "addition_time_embed_dim": 8, "projection_class_embeddings_input_dim": 32 + 48},
     )
     assert sdxl["samples_per_second"] > 0
+
+
+def test_photo_sized_copy_upscales_images_and_keeps_captions(tmp_path):
+    from PIL import Image
+
+    from comfyui_lora_trainer.bench.cpu import SAMPLE, photo_sized_copy
+
+    folder = photo_sized_copy(str(tmp_path / "photos"), 256)
+    import os
+
+    pngs = sorted(n for n in os.listdir(folder) if n.endswith(".png"))
+    assert pngs == sorted(n for n in os.listdir(SAMPLE) if n.endswith(".png")) and pngs
+    with Image.open(os.path.join(folder, pngs[0])) as image:
+        assert image.size == (256, 256)
+    assert open(os.path.join(folder, pngs[0][:-4] + ".txt")).read() == open(os.path.join(SAMPLE, pngs[0][:-4] + ".txt")).read()
+
+
+def test_core_step_stamps_times_each_core_step_and_restores_the_sampler():
+    """The core comparison times core's steps from its per-step loss callback; the patch must pass losses on."""
+    import types
+
+    from comfyui_lora_trainer.bench.comfy_core import core_step_stamps
+
+    class TrainSampler:
+        def __init__(self, loss_fn, optimizer, loss_callback=None, batch_size=1):
+            self.loss_callback, self.batch_size = loss_callback, batch_size
+
+    fake = types.SimpleNamespace(TrainSampler=TrainSampler)
+    original, stamps, seen = TrainSampler.__init__, [], []
+    with core_step_stamps(fake, stamps):
+        sampler = fake.TrainSampler(None, None, seen.append, batch_size=3)
+        for loss in (0.5, 0.4, 0.3):
+            sampler.loss_callback(loss)
+    assert seen == [0.5, 0.4, 0.3] and len(stamps) == 3 and stamps == sorted(stamps)
+    assert sampler.batch_size == 3 and TrainSampler.__init__ is original
