@@ -1,7 +1,8 @@
 """Issue 3 in a real ComfyUI: our files load there key for key, and an exact merge renders the same image as
 the inputs stacked.
 
-1. In-process ``comfy.lora`` (the loader ComfyUI's LoraLoader calls) on the SD1.5-shaped checkpoint, for every
+1. In-process ``comfy.lora`` (the loader ComfyUI's LoraLoader calls) on the SD1.5-shaped checkpoint and on a
+   reduced SDXL checkpoint (UNet in SAI names, both text encoders), for every
    export variant (LoRA, LoCon, LoHa, LoHa-Tucker, LoKr, full-factor LoKr, DoRA, DoRA baked): zero
    "lora key not loaded", every module mapped, and the patched weight equals ours within 1e-5 of the change.
    DoRA is the documented exception: ComfyUI <= 0.3.64 divides by ||W0|| instead of ||W0 + dW|| on the
@@ -79,6 +80,45 @@ def sd15(comfy_lib, tmp_path_factory):
     del model, clip
 
 
+@pytest.fixture(scope="module")
+def sdxl(comfy_lib, tmp_path_factory):
+    """The same for a reduced SDXL checkpoint (real widths, two levels, full text encoders). ComfyUI's model
+    detection matches SDXL only at its full depth ([0, 0, 2, 2, 10, 10] transformer blocks), so detection alone
+    is told "SDXL"; the UNet, both text encoders, the LoRA key map and the patching are ComfyUI's own code."""
+    import comfy.model_detection
+    import comfy.supported_models
+
+    from comfyui_lora_trainer.training.models import build_components, write_checkpoint
+
+    base = build_components("sdxl", seed=0)
+    path = tmp_path_factory.mktemp("sdxl") / "sdxl.safetensors"
+    write_checkpoint(base, path)
+    detect = comfy.model_detection.model_config_from_unet
+
+    def as_sdxl(state_dict, prefix, *args, **kwargs):
+        unet_config = comfy.model_detection.detect_unet_config(state_dict, prefix)
+        assert unet_config["context_dim"] == 2048 and unet_config["adm_in_channels"] == 2816, unet_config
+        return comfy.supported_models.SDXL(unet_config)
+
+    comfy.model_detection.model_config_from_unet = as_sdxl
+    try:
+        model, clip = comfy_lib.sd.load_checkpoint_guess_config(str(path), output_vae=False, output_clip=True)[:2]
+    finally:
+        comfy.model_detection.model_config_from_unet = detect
+    assert type(model.model).__name__ == "SDXL" and type(clip.cond_stage_model).__name__ == "SDXLClipModel"
+    key_map = comfy_lib.lora.model_lora_keys_unet(model.model, {})
+    key_map = comfy_lib.lora.model_lora_keys_clip(clip.cond_stage_model, key_map)
+    weights = dict(model.model.state_dict())
+    weights.update(clip.cond_stage_model.state_dict())
+    yield base, key_map, weights
+    del model, clip
+
+
+@pytest.fixture(params=["sd1", "sdxl"])
+def checkpoint_in_comfy(request):
+    return request.param, request.getfixturevalue("sd15" if request.param == "sd1" else "sdxl")
+
+
 class _Collect(logging.Handler):
     def __init__(self):
         super().__init__()
@@ -92,14 +132,15 @@ def _adapted(base, variant):
     torch.manual_seed(7)
     unet = copy.deepcopy(base.unet).requires_grad_(False)
     unet.add_adapter(_config(variant, UNET))
-    te = copy.deepcopy(base.text_encoders[0]).requires_grad_(False)
-    te.add_adapter(_config(variant, TE))
+    tes = [copy.deepcopy(encoder).requires_grad_(False) for encoder in base.text_encoders]
+    for te in tes:
+        te.add_adapter(_config(variant, TE))
     if variant.startswith("dora"):
-        for m in list(unet.modules()) + list(te.modules()):
+        for m in list(unet.modules()) + [m for te in tes for m in te.modules()]:
             mag = getattr(m, "lora_magnitude_vector", None)
             if mag is not None and "default" in mag:
                 mag["default"].weight.data *= 1 + 0.3 * torch.rand_like(mag["default"].weight)
-    return unet, te
+    return unet, tes
 
 
 def _comfy_dora(w0, delta, m):
@@ -110,12 +151,14 @@ def _comfy_dora(w0, delta, m):
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
-def test_every_key_loads_and_patches_as_ours(comfy_lib, sd15, variant):
-    base, key_map, weights = sd15
-    unet, te = _adapted(base, variant)
-    result = export_kohya("sd1", unet=unet, text_encoders=[te], bake="dora" if variant == "dora_baked" else "none")
+def test_every_key_loads_and_patches_as_ours(comfy_lib, checkpoint_in_comfy, variant):
+    family, (base, key_map, weights) = checkpoint_in_comfy
+    unet, tes = _adapted(base, variant)
+    result = export_kohya(family, unet=unet, text_encoders=tes, bake="dora" if variant == "dora_baked" else "none")
     tensors = result.tensors
     names = sorted({k.split(".", 1)[0] for k in tensors})
+    prefixes = {n.split("_", 2)[1] for n in names}  # unet, te / te1, te2
+    assert prefixes == ({"unet", "te"} if family == "sd1" else {"unet", "te1", "te2"}), prefixes
     assert all(n in key_map for n in names), [n for n in names if n not in key_map][:5]
 
     collect = _Collect()
