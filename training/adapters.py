@@ -259,3 +259,201 @@ def quantize_linear_4bit(model, device, compute_dtype=torch.bfloat16) -> int:
                 setattr(module, child_name, q.to(device))
                 count += 1
     return count
+
+
+# ---------------------------------------------------------------------------------------------
+# LoRA+: the up (B) matrices learn ratio times faster (kohya networks/lora.py prepare_optimizer_params)
+# ---------------------------------------------------------------------------------------------
+
+def _is_lora_up(name: str) -> bool:
+    return ".lora_B." in name
+
+
+def optimizer_param_groups(base, config, unet_params: list, te_params: list) -> list[dict]:
+    """The optimizer's parameter groups: the UNet's at ``learning_rate``, the text encoders' at their rate.
+
+    With LoRA+ (``loraplus_lr_ratio``, or the per-model ``loraplus_unet_lr_ratio`` /
+    ``loraplus_text_encoder_lr_ratio``, which win as in kohya) a model's group is split: its up matrices
+    (peft ``lora_B``, kohya ``lora_up``) go to a second group at lr * ratio, everything else (down
+    matrices, DoRA magnitudes) stays at lr. The first group is always the UNet's (or the text encoders')
+    base group, whose lr the step events report.
+    """
+    up_ids = set()
+    for model in [base.unet, *base.text_encoders]:
+        for name, p in model.named_parameters():
+            if p.requires_grad and _is_lora_up(name):
+                up_ids.add(id(p))
+    groups = []
+
+    def add(params, lr, ratio):
+        if not params:
+            return
+        if not ratio:
+            groups.append({"params": list(params), "lr": lr})
+            return
+        rest = [p for p in params if id(p) not in up_ids]
+        up = [p for p in params if id(p) in up_ids]
+        if not up:
+            raise AdapterError("loraplus_lr_ratio: this adapter has no LoRA up (B) matrices; "
+                               "LoRA+ applies to adapter = 'lora' or 'dora'")
+        if rest:
+            groups.append({"params": rest, "lr": lr})
+        groups.append({"params": up, "lr": lr * ratio})
+
+    add(unet_params, config.learning_rate, config.loraplus_unet_lr_ratio or config.loraplus_lr_ratio)
+    add(te_params, config.effective_text_encoder_lr,
+        config.loraplus_text_encoder_lr_ratio or config.loraplus_lr_ratio)
+    return groups
+
+
+# ---------------------------------------------------------------------------------------------
+# kohya's network_dropout / rank_dropout / module_dropout on peft LoRA layers
+# ---------------------------------------------------------------------------------------------
+
+_MASK63 = (1 << 63) - 1
+
+
+class LoraDropout:
+    """kohya's three LoRA dropouts (networks/lora.py ``LoRAModule.forward``) as forward hooks on every peft
+    LoRA layer's down projection (``lora_A``), whose output ``lx`` (rank channels) they multiply by a mask:
+
+    - ``network_dropout`` p: each element of ``lx`` is zeroed with probability p, the rest scaled 1/(1-p);
+    - ``rank_dropout`` p: each rank channel is zeroed (for all tokens / pixels of the sample) with
+      probability p, and the update scaled 1/(1-p) ("as if the rank changed");
+    - ``module_dropout`` p: the whole LoRA of the layer is skipped (``lx`` zeroed) with probability p.
+
+    Since the up projection is linear and bias-free, masking ``lx`` is exactly kohya's computation. For
+    DoRA the masks act on the low-rank path (the magnitude still applies), so ``module_dropout`` is
+    refused there. Unlike kohya (one draw per batch from the global RNG), each *sample* draws its masks:
+    the loop passes one seed per sample of the batch (``set_seeds``), and a layer's masks for a sample come
+    from a generator seeded by (that seed, the layer's name), so they are the same whatever the batch
+    layout, the number of processes, a resume, or a gradient-checkpointing recomputation.
+
+    peft's DoRA Linear computes its weight as ``lora_B(lora_A(eye))``; the hooks leave that call alone.
+
+    The masks apply only while ``set_seeds`` holds seeds, the layer is in training mode and autograd
+    records (``torch.is_grad_enabled()``): sampling (``no_grad``, ``eval``), inference and export never
+    see them.
+    """
+
+    def __init__(self, network_dropout: float = 0.0, rank_dropout: float = 0.0, module_dropout: float = 0.0):
+        self.p_element, self.p_rank, self.p_module = float(network_dropout), float(rank_dropout), \
+            float(module_dropout)
+        self.seeds: list[int] | None = None
+        self.handles = []
+        self.layers = 0
+
+    @property
+    def active(self) -> bool:
+        return self.p_element > 0 or self.p_rank > 0 or self.p_module > 0
+
+    def attach(self, model, prefix: str, adapter_name: str = "default") -> int:
+        """Hook the down projection of every LoRA layer of ``model``; ``prefix`` names the model."""
+        import zlib
+
+        from peft.tuners.lora import LoraLayer
+
+        count = 0
+        for name, module in model.named_modules():
+            if isinstance(module, LoraLayer) and adapter_name in module.lora_A:
+                key = zlib.crc32(f"{prefix}.{name}".encode())
+                down = module.lora_A[adapter_name]
+                conv = isinstance(down, torch.nn.Conv2d) or (hasattr(down, "weight") and down.weight.dim() == 4)
+                self.handles.append(down.register_forward_hook(self._hook(key, conv)))
+                count += 1
+        self.layers += count
+        return count
+
+    def remove(self):
+        for handle in self.handles:
+            handle.remove()
+        self.handles = []
+
+    def set_seeds(self, seeds: list[int] | None):
+        """One seed per sample of the coming forward passes (None: no dropout)."""
+        self.seeds = list(seeds) if seeds is not None else None
+
+    def mask(self, seed: int, key: int, shape, conv: bool, device, dtype) -> torch.Tensor:
+        """The multiplier for one sample's ``lx`` of ``shape`` (without the batch dimension). The module and
+        rank draws come from a CPU generator (the same on every device); the element mask from one on
+        ``device``."""
+        layer_seed = (seed * 1_000_003 + key * 7_919 + 1) & _MASK63
+        g = torch.Generator().manual_seed(layer_seed)
+        if self.p_module > 0 and float(torch.rand(1, generator=g)) < self.p_module:
+            return torch.zeros((1,) * len(shape), device=device, dtype=dtype)
+        m = None
+        if self.p_rank > 0:
+            rank = shape[0] if conv else shape[-1]
+            keep = (torch.rand(rank, generator=g) > self.p_rank).float() / (1 - self.p_rank)
+            m = (keep.view(rank, *([1] * (len(shape) - 1))) if conv else keep.view(*([1] * (len(shape) - 1)), rank))
+            m = m.to(device)
+        if self.p_element > 0:
+            gd = torch.Generator(device=device).manual_seed(layer_seed ^ 0x5DEECE66D)
+            e = (torch.rand(shape, generator=gd, device=device) >= self.p_element).float() / (1 - self.p_element)
+            m = e if m is None else m * e
+        if m is None:
+            return torch.ones((1,) * len(shape), device=device, dtype=dtype)
+        return m.to(dtype)
+
+    def _hook(self, key: int, conv: bool):
+        def hook(module, inputs, output):
+            if self.seeds is None or not module.training or not torch.is_grad_enabled():
+                return None
+            x = inputs[0] if inputs else None
+            if x is not None and x.dim() == 2 and x.shape[0] == x.shape[1] and \
+                    torch.equal(x, torch.eye(x.shape[0], device=x.device, dtype=x.dtype)):
+                return None  # peft's DoRA reads the weight as lora_B(lora_A(eye)): not a sample
+            if output.shape[0] != len(self.seeds):
+                raise RuntimeError(f"LoRA dropout: a batch of {output.shape[0]} reached a LoRA layer, but "
+                                   f"{len(self.seeds)} sample seeds were set")
+            shape = output.shape[1:]
+            masks = [self.mask(s, key, shape, conv, output.device, output.dtype) for s in self.seeds]
+            return output * torch.stack([m.expand(shape) for m in masks])
+        return hook
+
+
+def attach_dropout(base, config, adapter_name: str = "default") -> LoraDropout | None:
+    """A ``LoraDropout`` hooked into the trained models' LoRA layers, or None when all three are 0."""
+    dropout = LoraDropout(config.network_dropout, config.rank_dropout, config.module_dropout)
+    if not dropout.active:
+        return None
+    if config.adapter not in ("lora", "dora") or (config.module_dropout > 0 and config.adapter != "lora"):
+        raise AdapterError("network_dropout / rank_dropout apply to adapter = 'lora' or 'dora', module_dropout "
+                           f"to 'lora'; adapter = {config.adapter!r}")
+    if config.train_unet:
+        dropout.attach(base.unet, "unet", adapter_name)
+    if config.train_text_encoder:
+        for i, encoder in enumerate(base.text_encoders):
+            dropout.attach(encoder, f"te{i + 1}", adapter_name)
+    return dropout
+
+
+# ---------------------------------------------------------------------------------------------
+# scale_weight_norms: kohya's max-norm regularisation of each LoRA delta (apply_max_norm_regularization)
+# ---------------------------------------------------------------------------------------------
+
+@torch.no_grad()
+def apply_max_norm(models, max_norm: float, adapter_name: str = "default") -> tuple[int, float, float]:
+    """Scale every LoRA layer whose delta ``scaling * B @ A`` has a Frobenius norm above ``max_norm`` back
+    to ``max_norm``, multiplying A and B by sqrt(max_norm / norm) each, as kohya does after every optimizer
+    step. Returns (layers scaled, mean norm after, max norm after)."""
+    from peft.tuners.lora import LoraLayer
+
+    scaled, norms = 0, []
+    for model in models:
+        for module in model.modules():
+            if not isinstance(module, LoraLayer) or adapter_name not in module.lora_A:
+                continue
+            down = module.lora_A[adapter_name].weight
+            up = module.lora_B[adapter_name].weight
+            delta = (up.float().flatten(1) @ down.float().flatten(1)) * float(module.scaling[adapter_name])
+            norm = delta.norm().clamp(min=max_norm / 2)
+            ratio = float(torch.clamp(norm, max=max_norm) / norm)
+            if ratio != 1:
+                scaled += 1
+                down.mul_(ratio**0.5)
+                up.mul_(ratio**0.5)
+            norms.append(float(delta.norm()) * ratio)
+    if not norms:
+        return 0, 0.0, 0.0
+    return scaled, sum(norms) / len(norms), max(norms)

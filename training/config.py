@@ -19,6 +19,7 @@ LR_SCHEDULERS = (
     "constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial",
 )
 LOSS_TYPES = ("mse", "l1", "huber", "smooth_l1")
+HUBER_SCHEDULES = ("constant", "exponential", "snr")
 CACHE_MODES = ("memory", "disk", "none")
 ATTENTION_BACKENDS = ("sdpa", "eager")
 QUANTIZE = ("none", "4bit")
@@ -101,6 +102,22 @@ class TrainConfig:
     min_timestep: int = 0
     max_timestep: int = 1000
     zero_terminal_snr: bool = False
+    # kohya's loss / noise / network extras (README "Optimisation" and "Adapter")
+    huber_schedule: str = "constant"
+    huber_scale: float = 1.0
+    debiased_estimation_loss: bool = False
+    noise_offset_random_strength: bool = False
+    multires_noise_iterations: int = 0
+    multires_noise_discount: float = 0.3
+    ip_noise_gamma: float = 0.0
+    ip_noise_gamma_random_strength: bool = False
+    loraplus_lr_ratio: float = 0.0
+    loraplus_unet_lr_ratio: float = 0.0
+    loraplus_text_encoder_lr_ratio: float = 0.0
+    network_dropout: float = 0.0
+    rank_dropout: float = 0.0
+    module_dropout: float = 0.0
+    scale_weight_norms: float = 0.0
     gradient_checkpointing: bool = False
     attention: str = "sdpa"
     # data
@@ -194,6 +211,29 @@ class TrainConfig:
         need(self.huber_c > 0, "huber_c", "use a positive number (0.1 is kohya's default)")
         need(self.min_snr_gamma >= 0, "min_snr_gamma", "use 0 (off) or a positive number (5 is common)")
         need(self.noise_offset >= 0, "noise_offset", "use 0 (off) or a small positive number (0.05-0.1)")
+        need(self.huber_schedule in HUBER_SCHEDULES, "huber_schedule", f"use one of {', '.join(HUBER_SCHEDULES)}")
+        need(self.huber_scale > 0, "huber_scale", "use a positive number (1.0 is kohya's default)")
+        need(isinstance(self.multires_noise_iterations, int) and 0 <= self.multires_noise_iterations <= 64,
+             "multires_noise_iterations", "use 0 (off) or a whole number (6-10 is kohya's advice)")
+        need(0 <= self.multires_noise_discount <= 1, "multires_noise_discount",
+             "use a number from 0 to 1 (kohya's default 0.3)")
+        need(self.ip_noise_gamma >= 0, "ip_noise_gamma", "use 0 (off) or a small positive number (about 0.1)")
+        for key in ("loraplus_lr_ratio", "loraplus_unet_lr_ratio", "loraplus_text_encoder_lr_ratio"):
+            need(getattr(self, key) >= 0 and math.isfinite(getattr(self, key)), key,
+                 "use 0 (off) or a positive ratio (16 is the LoRA+ paper's advice)")
+            need(getattr(self, key) == 0 or self.adapter in ("lora", "dora"), key,
+                 f"LoRA+ applies to adapter = 'lora' or 'dora', not {self.adapter!r}; set it to 0")
+        for key in ("network_dropout", "rank_dropout", "module_dropout"):
+            need(0 <= getattr(self, key) < 1, key, "use a probability from 0 (off) to below 1 (0.1 is common)")
+        need((self.network_dropout == 0 and self.rank_dropout == 0) or self.adapter in ("lora", "dora"),
+             "network_dropout" if self.network_dropout else "rank_dropout",
+             f"applies to adapter = 'lora' or 'dora', not {self.adapter!r}; set it to 0")
+        need(self.module_dropout == 0 or self.adapter == "lora", "module_dropout",
+             f"applies to adapter = 'lora' only, not {self.adapter!r}; set it to 0")
+        need(self.scale_weight_norms >= 0 and math.isfinite(self.scale_weight_norms), "scale_weight_norms",
+             "use 0 (off) or a positive maximum norm (1.0 is common)")
+        need(self.scale_weight_norms == 0 or self.adapter == "lora", "scale_weight_norms",
+             f"max-norm regularisation applies to adapter = 'lora' only, not {self.adapter!r}; set it to 0")
         need(0 <= self.min_timestep < self.max_timestep <= 1000, "min_timestep",
              "use 0 <= min_timestep < max_timestep <= 1000")
         need(self.attention in ATTENTION_BACKENDS, "attention", f"use one of {', '.join(ATTENTION_BACKENDS)}")

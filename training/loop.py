@@ -29,21 +29,23 @@ from datetime import datetime, timezone
 
 import torch
 
-from .adapters import attach_adapters, check_quantize_available, load_lora_weights_into, quantize_linear_4bit, \
-    read_lora_shape
+from .adapters import apply_max_norm, attach_adapters, attach_dropout, check_quantize_available, \
+    load_lora_weights_into, optimizer_param_groups, quantize_linear_4bit, read_lora_shape
 from .buckets import BatchPlan, assign_bucket, epoch_order, make_bucket_resolutions  # noqa: F401 (re-export)
 from .cache import LatentCache, TextCache, encode_distribution
 from .config import TrainConfig
 from .dataset import image_size, image_to_tensor, load_dataset, load_image, process_caption, resize_and_crop, \
     with_trigger  # noqa: F401 (re-export)
-from .optim import OptionalDependencyError, make_lr_scheduler, make_optimizer, min_snr_weights, per_sample_loss, \
-    training_scheduler
+from .noise import sample_noise
+from .optim import OptionalDependencyError, debiased_weights, huber_threshold, kohya_extras_metadata, \
+    make_lr_scheduler, make_optimizer, min_snr_weights, per_sample_loss, training_scheduler
 
 log = logging.getLogger("comfyui_lora_trainer")
 
 PRECISION_TO_ACCELERATE = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}
 _MASK63 = (1 << 63) - 1
 _SALT_CAPTION, _SALT_LATENT, _SALT_CROP = 101, 202, 303
+_SALT_NOISE, _SALT_DROPOUT = 404, 505  # kohya's noise options (noise.py); LoRA dropout masks (adapters.py)
 
 
 @dataclass
@@ -298,11 +300,8 @@ class _Run:
             n = load_lora_weights_into(base, config.network_weights, config.train_unet, config.train_text_encoder)
             self.log(f"continuing from {config.network_weights}: {n} modules loaded "
                      f"(rank {config.rank}, alpha {config.alpha:g})")
-        param_groups = []
-        if self.unet_params:
-            param_groups.append({"params": self.unet_params, "lr": config.learning_rate})
-        if self.te_params:
-            param_groups.append({"params": self.te_params, "lr": config.effective_text_encoder_lr})
+        param_groups = optimizer_param_groups(base, config, self.unet_params, self.te_params)  # LoRA+ splits
+        self.dropout = attach_dropout(base, config)
         optimizer = make_optimizer(config.optimizer, param_groups, config.learning_rate, config.weight_decay,
                                    config.optimizer_args, device)
         self.lr_scheduler = make_lr_scheduler(config.lr_scheduler, optimizer, config.warmup_steps(), config.steps,
@@ -375,9 +374,12 @@ class _Run:
             mean, std = encode_distribution(self.base, pixels)
             mean, std = mean[0], std[0]
             self.stats["vae_calls"] += 1
-        noise = torch.randn(mean.shape, generator=generator)
-        if config.noise_offset > 0:
-            noise = noise + config.noise_offset * torch.randn((mean.shape[0], 1, 1), generator=generator)
+        noise, input_noise = sample_noise(
+            mean.shape, generator, sample_generator(config.seed, sample_number, _SALT_NOISE),
+            noise_offset=config.noise_offset, noise_offset_random_strength=config.noise_offset_random_strength,
+            multires_noise_iterations=config.multires_noise_iterations,
+            multires_noise_discount=config.multires_noise_discount, ip_noise_gamma=config.ip_noise_gamma,
+            ip_noise_gamma_random_strength=config.ip_noise_gamma_random_strength)
         eps = torch.randn(mean.shape, generator=sample_generator(config.seed, sample_number, _SALT_LATENT))
         latent = mean + std * eps
         epoch = sample_number // self.dataset.num_samples
@@ -388,7 +390,7 @@ class _Run:
             drop_all=config.caption_dropout_every_n_epochs > 0 and (epoch + 1) % config.caption_dropout_every_n_epochs == 0,
             generator=sample_generator(config.seed, sample_number, _SALT_CAPTION),
         )
-        return {"latent": latent, "noise": noise, "timestep": timestep, "caption": caption,
+        return {"latent": latent, "noise": noise, "input_noise": input_noise, "timestep": timestep, "caption": caption,
                 "time_ids": (orig_h, orig_w, top, left, height, width)}
 
     def micro_step_loss(self, micro_index: int):
@@ -401,6 +403,9 @@ class _Run:
         if not local:  # a short bucket batch left this process nothing: keep DDP in step, weight 0
             local, weights = batch[:1], [0.0]
         samples = [self.make_sample(n, i) for n, i in local]
+        if self.dropout is not None:  # per-sample LoRA dropout masks (also for checkpointing's recomputation)
+            self.dropout.set_seeds([int(torch.randint(0, 2**62, (1,), generator=sample_generator(
+                config.seed, n, _SALT_DROPOUT))) for n, _ in local])
         device, wd = self.device, self.weight_dtype
         latents = torch.stack([s["latent"] for s in samples]).to(device)
         noise = torch.stack([s["noise"] for s in samples]).to(device)
@@ -411,15 +416,20 @@ class _Run:
             time_ids = torch.tensor([s["time_ids"] for s in samples], dtype=torch.float32)
             added = {"text_embeds": pooled.to(device, wd), "time_ids": time_ids.to(device, wd)}
         scheduler = self.scheduler
-        noisy = scheduler.add_noise(latents, noise, timesteps).to(wd)
+        input_noise = torch.stack([s["input_noise"] for s in samples]).to(device)  # ip_noise_gamma perturbs it
+        noisy = scheduler.add_noise(latents, input_noise, timesteps).to(wd)
         if base.prediction_type == "v_prediction":
             target = scheduler.get_velocity(latents, noise, timesteps)
         else:
             target = noise
         prediction = self.unet(noisy, timesteps, hidden.to(device, wd), added_cond_kwargs=added).sample
-        per = per_sample_loss(prediction, target, config.loss_type, config.huber_c)
+        huber_c = config.huber_c if config.loss_type not in ("huber", "smooth_l1") else huber_threshold(
+            config.huber_schedule, config.huber_c, config.huber_scale, scheduler, timesteps)
+        per = per_sample_loss(prediction, target, config.loss_type, huber_c)
         if config.min_snr_gamma > 0:
             per = per * min_snr_weights(scheduler, timesteps, config.min_snr_gamma, base.prediction_type)
+        if config.debiased_estimation_loss:
+            per = per * debiased_weights(scheduler, timesteps, base.prediction_type)
         w = torch.tensor(weights, device=per.device)
         return (per * w).sum() * self.world / n_global
 
@@ -448,6 +458,8 @@ class _Run:
             network_args.update(conv_dim=config.conv_rank, conv_alpha=config.conv_alpha or config.conv_rank)
         if config.rslora:
             network_args["rslora"] = True
+        extra_args, extra_fields = kohya_extras_metadata(config)
+        network_args.update(extra_args)
         info = RunInfo(
             family=self.base.family,
             output_name=config.output_name,
@@ -497,6 +509,7 @@ class _Run:
             training_finished_at=datetime.now(timezone.utc).timestamp(),
             network_args=network_args,
         )
+        info.extra.update(extra_fields)  # ss_multires_noise_iterations, ss_huber_schedule, ... (kohya's names)
         return LoraWeights(tensors=tensors, metadata=make_metadata(info), family=self.base.family)
 
     def save_state(self, step: int) -> str | None:
@@ -627,6 +640,9 @@ class _Run:
                     self.optimizer.zero_grad(set_to_none=True)
                 step_loss += value / config.gradient_accumulation_steps
             self.lr_scheduler.step()
+            if config.scale_weight_norms > 0:  # kohya's max-norm regularisation, after every optimizer step
+                scaled, _, _ = apply_max_norm(self.trainable_models().values(), config.scale_weight_norms)
+                self.stats["max_norm_scaled"] = self.stats.get("max_norm_scaled", 0) + scaled
             self.losses.append(step_loss)
             self.emit({"type": "step", "step": step, "total": config.steps, "loss": step_loss,
                        "lr": self.optimizer.param_groups[0]["lr"], "elapsed": time.time() - self.started})
@@ -656,6 +672,8 @@ class _Run:
 
         accelerator.wait_for_everyone()
         self.unet.eval()
+        if self.dropout is not None:  # the model goes back to the host without the dropout hooks
+            self.dropout.remove()
         weights = self.lora_weights(step)
         written = None
         if self.path:

@@ -20,7 +20,7 @@ STATE_VERSION = 1
 TRAJECTORY_KEYS = (
     "seed", "batch_size", "gradient_accumulation_steps", "rank", "alpha", "adapter", "target", "target_modules",
     "conv_rank", "conv_alpha", "rslora", "train_unet", "train_text_encoder", "optimizer", "resolution",
-    "enable_bucket", "num_processes",
+    "enable_bucket", "num_processes", "loraplus_lr_ratio", "loraplus_unet_lr_ratio", "loraplus_text_encoder_lr_ratio",
 )
 _STEP = re.compile(r"_state_step(\d+)\.pt$")
 
