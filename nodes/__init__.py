@@ -4,9 +4,10 @@ from .apply import ApplyLoRA
 from .dataset import LoadDataset
 from .inspect import LoRAInfo
 from .merge import MergeLoRAs
+from .options import TrainingOptions
 from .train import TrainLoRA
 
-NODE_SPECS = [LoadDataset, TrainLoRA, ApplyLoRA, MergeLoRAs, LoRAInfo]
+NODE_SPECS = [LoadDataset, TrainLoRA, TrainingOptions, ApplyLoRA, MergeLoRAs, LoRAInfo]
 
 
 def LoraTrainerExtension():

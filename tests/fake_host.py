@@ -51,7 +51,12 @@ class FakeHost:
         return sorted(os.listdir(self.loras_directory()))
 
     def lora_path(self, name):
-        return os.path.join(self.loras_directory(), name)
+        path = os.path.join(self.loras_directory(), name)
+        if not os.path.isfile(path):  # as ComfyHost (folder_paths.get_full_path gives None)
+            from comfyui_lora_trainer.nodes.spec import NodeError
+
+            raise NodeError(f"LoRA '{name}' not found in models/loras; pick one from the list")
+        return path
 
     def loras_directory(self):
         return os.path.join(self.root, "models/loras")

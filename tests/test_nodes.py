@@ -144,3 +144,99 @@ def test_apply_and_merge(host):
     assert os.path.isfile(os.path.join(host.loras_directory(), "merged.safetensors"))
     name = next(k for k in merged.tensors if k.endswith(".lora_down.weight"))
     assert merged.tensors[name].shape[0] == 2 * lora.tensors[name].shape[0]
+
+
+# -- Training Options ------------------------------------------------------------------------------------
+def test_training_options_table_is_train_config_keys_and_defaults_change_nothing(host):
+    import dataclasses
+
+    from comfyui_lora_trainer.nodes.options import TABLE, TrainingOptions
+    from comfyui_lora_trainer.training.config import TrainConfig
+
+    fields = {f.name for f in dataclasses.fields(TrainConfig)}
+    keys = [row.key for row in TABLE]
+    assert len(set(keys)) == len(keys) and set(keys) <= fields
+    assert [i.name for i in TrainingOptions.inputs] == ["options", *keys]
+    # Train LoRA's own inputs (and what it derives from them) are not options: they would be ignored
+    own = {"checkpoint", "dataset", "steps", "learning_rate", "rank", "alpha", "resolution", "batch_size", "seed",
+           "output_name", "precision", "trigger_word", "overwrite", "gradient_checkpointing", "sample_every_n_steps",
+           "sample_prompts", "save_every_n_steps", "resume_from", "state_dir", "output_dir", "device", "tokenizer"}
+    assert not own & set(keys)
+    widgets = {i.name: i.default for i in TrainingOptions.inputs[1:]}
+    assert TrainingOptions.execute(host, **widgets).values == ({},)  # all defaults: nothing to override
+    assert TrainingOptions.execute(host).values == ({},)  # an API prompt may leave every key out
+
+
+def test_training_options_change_the_trained_run(host):
+    from comfyui_lora_trainer.nodes.options import TrainingOptions
+
+    dataset = LoadDataset.execute(host, folder="shapes").values[0]
+    (loha,) = TrainingOptions.execute(host, adapter="loha", conv_rank=0).values
+    assert loha == {"adapter": "loha"}
+    lora, _, name = TrainLoRA.execute(host, **train_inputs(dataset, steps=2, output_name="as_loha"),
+                                      options=loha).values
+    with open(os.path.join(host.loras_directory(), name), "rb") as f:
+        header = f.read(100_000)
+    assert b"hada_w1_a" in header and b"lora_down" not in header
+    # loss_type changes the losses of the same seeded run; the same run without options is the mse one
+    _, mse, _ = TrainLoRA.execute(host, **train_inputs(dataset, steps=3, output_name="mse")).values
+    (l1,) = TrainingOptions.execute(host, loss_type="l1").values
+    _, with_l1, _ = TrainLoRA.execute(host, **train_inputs(dataset, steps=3, output_name="l1"), options=l1).values
+    assert with_l1["loss"] != pytest.approx(mse["loss"], rel=1e-3)
+    # step 1 sees the same weights, batch, noise and timesteps: mean|r| <= sqrt(mean r^2) (Jensen)
+    assert with_l1["loss"][0] <= mse["loss"][0] ** 0.5 + 1e-6
+
+
+def test_training_options_chain_and_train_inputs_win(host):
+    from comfyui_lora_trainer.nodes.options import TrainingOptions
+
+    (first,) = TrainingOptions.execute(host, adapter="loha", loss_type="l1", keep_tokens=1).values
+    (second,) = TrainingOptions.execute(host, options=first, loss_type="huber", huber_c=0.2, flip=False).values
+    # the nearer node wins where both set a key; a key left at its default keeps the upstream value
+    assert second == {"adapter": "loha", "loss_type": "huber", "keep_tokens": 1, "huber_c": 0.2, "flip": False}
+    dataset = LoadDataset.execute(host, folder="shapes").values[0]
+    config = TrainLoRA.build_config(host, **train_inputs(dataset), options={**second, "rank": 32})
+    assert (config.adapter, config.loss_type, config.huber_c, config.flip, config.keep_tokens) == \
+        ("loha", "huber", 0.2, False, 1)
+    assert config.rank == 4  # Train LoRA's own input wins
+
+
+def test_training_options_name_the_bad_field(host):
+    from comfyui_lora_trainer.nodes.options import TrainingOptions
+
+    with pytest.raises(NodeError, match=r"^loss_type = 'zzz': use one of"):
+        TrainingOptions.execute(host, loss_type="zzz")  # V3 combos are not validated by ComfyUI
+    with pytest.raises(NodeError, match="^min_bucket_reso"):
+        TrainingOptions.execute(host, min_bucket_reso=2048, max_bucket_reso=1024)
+    with pytest.raises(NodeError, match="^target_modules"):
+        TrainingOptions.execute(host, target="custom")
+    with pytest.raises(NodeError, match="^optimizer_args: not valid JSON"):
+        TrainingOptions.execute(host, optimizer_args="{betas: [0.9")
+    with pytest.raises(NodeError, match="^keep_tokens: 'two' is not a valid int"):
+        TrainingOptions.execute(host, keep_tokens="two")
+    with pytest.raises(NodeError, match="^network_weights: LoRA 'gone.safetensors' not found"):
+        TrainingOptions.execute(host, network_weights="gone.safetensors")
+    # a bad upstream value is reported too (the chain is validated as a whole)
+    with pytest.raises(NodeError, match="^huber_c"):
+        TrainingOptions.execute(host, options={"huber_c": -1.0})
+    assert TrainingOptions.execute(host, optimizer_args='{"betas": [0.9, 0.99]}').values[0] == {
+        "optimizer_args": {"betas": [0.9, 0.99]}}
+    assert TrainingOptions.execute(host, text_encoder_lr=5e-5).values[0] == {"text_encoder_lr": 5e-5}
+
+
+def test_training_options_continue_from_a_lora_file(host):
+    from comfyui_lora_trainer.nodes.options import NONE, TrainingOptions, _lora_files
+
+    dataset = LoadDataset.execute(host, folder="shapes").values[0]
+    host.stop_after_steps = 1
+    with pytest.raises(InterruptProcessing):  # leaves a state file: never offered as network_weights
+        TrainLoRA.execute(host, **train_inputs(dataset, steps=2, output_name="base"))
+    host.stop_after_steps = None
+    first, _, name = TrainLoRA.execute(host, **train_inputs(dataset, steps=2, output_name="first")).values
+    open(os.path.join(host.loras_directory(), "legacy_state_step3.pt"), "wb").close()
+    assert _lora_files(host) == [NONE, "base_interrupted_step1.safetensors", "first.safetensors"]
+    (options,) = TrainingOptions.execute(host, network_weights=name).values
+    assert options == {"network_weights": host.lora_path(name)}
+    host.texts.clear()
+    TrainLoRA.execute(host, **train_inputs(dataset, steps=1, output_name="second"), options=options)
+    assert any("continuing from" in text and name in text for _, text in host.texts)
