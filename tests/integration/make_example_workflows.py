@@ -60,7 +60,8 @@ WORKFLOWS = {
         ],
     },
     "train_sdxl": {
-        "title": "Train a LoRA on SDXL at 1024 px with gradient checkpointing and sample images every 100 steps",
+        "title": "Train a LoRA on SDXL at 1024 px with gradient checkpointing, sample images every 100 steps and "
+                 "Training Options (cosine schedule with warmup, min-SNR 5, noise offset)",
         "nodes": [
             (1, "LoraTrainer_LoadDataset", dict(folder="my_dataset", resolution=1024), (40, 60)),
             (2, "PreviewImage", {}, (40, 420)),
@@ -68,8 +69,10 @@ WORKFLOWS = {
                                                       "a photo of sks dog", gradient_checkpointing=True,
                                                       save_every=250), (420, 60)),
             (4, "LossGraphNode", dict(filename_prefix="sdxl_loss_graph"), (900, 60)),
+            (5, "LoraTrainer_TrainingOptions", dict(lr_scheduler="cosine", lr_warmup_steps=0.05, min_snr_gamma=5.0,
+                                                    noise_offset=0.0357), (40, 760)),
         ],
-        "links": [(1, 0, 2, "images"), (1, 0, 3, "dataset"), (3, 1, 4, "loss")],
+        "links": [(1, 0, 2, "images"), (1, 0, 3, "dataset"), (3, 1, 4, "loss"), (5, 0, 3, "options")],
     },
     "merge_and_compare": {
         "title": "Merge two LoRAs and compare: each alone and the merge, same seed, one image row",

@@ -1,4 +1,5 @@
-"""Cancel over /interrupt keeps the work and a state; resume ends equal to an uninterrupted run. The
+"""Cancel over /interrupt keeps the work and a state (in output/loratrainer_state, never listed as a
+LoRA); resume ends equal to an uninterrupted run and its record holds the whole loss curve. The
 pre-flight estimate refuses a setting that cannot fit a memory budget. In a real ComfyUI."""
 
 from __future__ import annotations
@@ -62,7 +63,14 @@ def test_cancel_then_resume_equals_uninterrupted(comfy, comfy_base_dir, tiny_sd1
     stopped = record["step"]
     assert record["status"] == "interrupted" and seen <= stopped <= seen + 3  # within a step or so
     assert (loras / f"it_cancel_interrupted_step{stopped}.safetensors").is_file()
-    assert (loras / f"it_cancel_state_step{stopped}.pt").is_file()
+    # the state lies beside the outputs, not in models/loras, so LoraLoader never lists it
+    assert (comfy_base_dir / "output" / "loratrainer_state" / f"it_cancel_state_step{stopped}.pt").is_file()
+    assert not list(loras.rglob("*.pt"))
+    listed = comfy.node_info("LoraLoader")["input"]["required"]["lora_name"][0]
+    assert f"it_cancel_interrupted_step{stopped}.safetensors" in listed
+    assert not [name for name in listed if "_state_step" in name or name.endswith(".pt")], listed
+    cancelled_losses = record["losses"]
+    assert len(cancelled_losses) == stopped
 
     comfy.run(graph(tiny_sd1, "it_cancel", resume=True), timeout=600)
     comfy.run(graph(tiny_sd1, "it_straight"), timeout=600)
@@ -71,7 +79,12 @@ def test_cancel_then_resume_equals_uninterrupted(comfy, comfy_base_dir, tiny_sd1
     for key in straight:
         assert (resumed[key] == straight[key]).all(), key
     resumed_record = comfy.get_json(f"/loratrainer/runs/{run_record(comfy, 'it_cancel')['run_id']}")
-    assert resumed_record["first_step"] == stopped and resumed_record["step"] == STEPS
+    assert resumed_record["resumed_at"] == stopped and resumed_record["step"] == STEPS
+    # the whole curve from step 1: the cancelled run's losses, then the resumed steps
+    assert resumed_record["first_step"] == 0 and len(resumed_record["losses"]) == STEPS
+    assert resumed_record["losses"][:stopped] == cancelled_losses
+    straight_record = comfy.get_json(f"/loratrainer/runs/{run_record(comfy, 'it_straight')['run_id']}")
+    assert resumed_record["losses"] == straight_record["losses"]
 
 
 def test_estimate_refuses_what_cannot_fit(comfy, tiny_sd1):

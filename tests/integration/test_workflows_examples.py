@@ -108,6 +108,13 @@ def test_train_sdxl(comfy, comfy_base_dir, object_info, datasets):
     with open(loras / "ex2_my_sdxl_lora.safetensors", "rb") as f:
         header = f.read(200_000)
     assert b"lora_unet_" in header
+    # the Training Options node's settings reached the run (the file's kohya metadata records them)
+    from safetensors import safe_open
+
+    with safe_open(str(loras / "ex2_my_sdxl_lora.safetensors"), framework="pt") as f:
+        meta = f.metadata()
+    assert meta["ss_lr_scheduler"] == "cosine" and float(meta["ss_min_snr_gamma"]) == 5.0
+    assert float(meta["ss_noise_offset"]) == pytest.approx(0.0357)
 
 
 def test_merge_and_compare(comfy, comfy_base_dir, object_info, datasets, sd15_checkpoint):
