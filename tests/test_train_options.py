@@ -115,9 +115,10 @@ def test_sdxl_trains_both_text_encoders():
 
 def test_continue_from_lora_file(tmp_path, plain):
     first, _ = run(output_dir=str(tmp_path), output_name="first", steps=3, rank=3, alpha=1.5)
-    # rank/alpha come from the file; training continues from its weights
+    # rank/alpha left at their defaults come from the file; training continues from its weights
     events = []
-    cont, base = run(network_weights=first.path, steps=1, learning_rate=1e-9, events=events.append)
+    cont, base = run(network_weights=first.path, rank=16, alpha=16.0, steps=1, learning_rate=1e-9,
+                     events=events.append)
     assert any("continuing from" in e.get("message", "") for e in events)
     for k, v in first.lora.tensors.items():
         torch.testing.assert_close(cont.lora.tensors[k], v, rtol=1e-4, atol=1e-6)

@@ -113,12 +113,14 @@ def attach_lora(unet, rank: int, alpha: float, target: str = "attention", adapte
     return _attach(unet, config, "UNet", adapter_name)
 
 
-def attach_adapters(base, config, adapter_name: str = "default") -> dict[str, list]:
+def attach_adapters(base, config, adapter_name: str = "default", adjust=None) -> dict[str, list]:
     """Attach the configured adapter to the UNet and (if trained) the text encoders.
 
     Returns {"unet": [params], "text_encoders": [[params], ...]}; untrained models get no adapter and
-    stay frozen. The caller seeds torch's RNG first.
+    stay frozen. The caller seeds torch's RNG first. ``adjust(peft_config, model)``, if given, may change
+    each model's peft config before it is attached (continuing from a file: ``continuation.py``).
     """
+    adjust = adjust or (lambda peft_config, model: peft_config)
     groups = {"unet": [], "text_encoders": []}
     if config.train_unet:
         peft_config = make_peft_config(
@@ -126,107 +128,31 @@ def attach_adapters(base, config, adapter_name: str = "default") -> dict[str, li
             conv_rank=config.conv_rank, conv_alpha=config.conv_alpha, rslora=config.rslora,
             conv=config.target in ("full", "custom"),
         )
-        groups["unet"] = _attach(base.unet, peft_config, "UNet", adapter_name)
+        groups["unet"] = _attach(base.unet, adjust(peft_config, base.unet), "UNet", adapter_name)
     else:
         base.unet.requires_grad_(False)
     for i, encoder in enumerate(base.text_encoders):
         if config.train_text_encoder:
             peft_config = make_peft_config(config.adapter, config.rank, config.alpha, te_targets(config.target),
                                            rslora=config.rslora)
-            groups["text_encoders"].append(_attach(encoder, peft_config, f"text encoder {i + 1}", adapter_name))
+            groups["text_encoders"].append(_attach(encoder, adjust(peft_config, encoder), f"text encoder {i + 1}",
+                                                   adapter_name))
         else:
             encoder.requires_grad_(False)
     return groups
 
 
-# ---------------------------------------------------------------------------------------------
-# continuing from an existing kohya LoRA file
-# ---------------------------------------------------------------------------------------------
-
-def _lora_layers(base, prefix_models):
-    """(kohya module name, peft LoraLayer) for every LoRA layer, named as formats/ names them."""
-    from peft.tuners.lora import LoraLayer
-
-    out = {}
-    for prefix, model, path_fn in prefix_models:
-        for raw, module in model.named_modules():
-            if isinstance(module, LoraLayer):
-                out[prefix + "_" + path_fn(raw).replace(".", "_")] = module
-    return out
-
-
-def _model_prefixes(base, include_unet: bool, include_te: bool):
-    entries = []
-    if include_unet:
-        if base.family == "sdxl":
-            from .models import unet_module_path_to_ldm
-
-            entries.append(("lora_unet", base.unet, lambda p: unet_module_path_to_ldm(p, base.unet)))
-        else:
-            entries.append(("lora_unet", base.unet, lambda p: p))
-    if include_te:
-        prefixes = ["lora_te1", "lora_te2"] if base.family == "sdxl" else ["lora_te"]
-        for prefix, te in zip(prefixes, base.text_encoders):
-            entries.append((prefix, te, lambda p: p if p.startswith("text_model.") else "text_model." + p))
-    return entries
-
-
-def read_lora_shape(path: str) -> tuple[int, float, int, float]:
-    """(rank, alpha, conv_rank, conv_alpha) of a kohya LoRA file (3x3 conv modules separately)."""
-    from .formats import load_lora_file
-
-    weights = load_lora_file(path)
-    ranks, convs = set(), set()
-    for key, tensor in weights.tensors.items():
-        if key.endswith(".lora_down.weight"):
-            name = key[: -len(".lora_down.weight")]
-            alpha = weights.tensors.get(name + ".alpha")
-            entry = (tensor.shape[0], float(alpha.item()) if alpha is not None else float(tensor.shape[0]))
-            (convs if tensor.dim() == 4 and tensor.shape[-1] > 1 else ranks).add(entry)
-    if not ranks and not convs:
-        raise AdapterError(f"network_weights = {path!r}: the file holds no plain LoRA (lora_down/lora_up) modules")
-    if len(ranks) > 1 or len(convs) > 1:
-        raise AdapterError(f"network_weights = {path!r}: modules have different ranks/alphas {sorted(ranks | convs)};"
-                           " only files with one rank (and one conv rank) can be continued")
-    rank, alpha = next(iter(ranks)) if ranks else next(iter(convs))
-    conv_rank, conv_alpha = next(iter(convs)) if convs else (0, 0.0)
-    return int(rank), alpha, int(conv_rank), conv_alpha
-
-
-@torch.no_grad()
 def load_lora_weights_into(base, path: str, include_unet: bool, include_te: bool, adapter_name: str = "default") -> int:
-    """Copy a kohya LoRA file's down/up weights into the attached peft LoRA layers. Returns modules loaded."""
-    from .formats import load_lora_file
+    """Copy a LoRA file's weights (any key style the importer reads) into the adapters already attached to
+    ``base``; returns the modules loaded. Training runs use ``continuation.Continuation`` (which also shapes
+    the adapters after the file)."""
+    from types import SimpleNamespace
 
-    weights = load_lora_file(path)
-    tensors = weights.tensors
-    layers = _lora_layers(base, _model_prefixes(base, include_unet, include_te))
-    file_modules = {k[: -len(".lora_down.weight")] for k in tensors if k.endswith(".lora_down.weight")}
-    trained_prefixes = tuple(p for p, _, _ in _model_prefixes(base, include_unet, include_te))
-    uncovered = sorted(m for m in file_modules if m not in layers and m.startswith(trained_prefixes))
-    if uncovered:
-        raise AdapterError(
-            f"network_weights = {path!r}: {len(uncovered)} module(s) of the file (e.g. {uncovered[0]}) are not "
-            "targeted by this run; choose the target preset the file was trained with"
-        )
-    loaded = 0
-    for name, layer in layers.items():
-        if name not in file_modules:
-            continue
-        down, up = tensors[name + ".lora_down.weight"], tensors[name + ".lora_up.weight"]
-        a, b = layer.lora_A[adapter_name].weight, layer.lora_B[adapter_name].weight
-        if a.shape != down.shape or b.shape != up.shape:
-            raise AdapterError(f"network_weights = {path!r}: {name} has shapes {tuple(down.shape)}/{tuple(up.shape)},"
-                               f" this run's adapter {tuple(a.shape)}/{tuple(b.shape)}")
-        alpha = tensors.get(name + ".alpha")
-        alpha = float(alpha.item()) if alpha is not None else float(down.shape[0])
-        a.copy_(down.to(a.dtype))
-        # fold any difference between the file's alpha/r and this layer's scaling into the up weights
-        b.copy_((up.float() * (alpha / down.shape[0]) / float(layer.scaling[adapter_name])).to(b.dtype))
-        loaded += 1
-    if loaded == 0:
-        raise AdapterError(f"network_weights = {path!r}: no module of the file matches this model's adapters")
-    return loaded
+    from .continuation import Continuation
+
+    continuation = Continuation(path)
+    continuation.prepare(base, SimpleNamespace(train_unet=include_unet, train_text_encoder=include_te))
+    return continuation.load(adapter_name)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -30,7 +30,7 @@ from datetime import datetime, timezone
 import torch
 
 from .adapters import apply_max_norm, attach_adapters, attach_dropout, check_quantize_available, \
-    load_lora_weights_into, optimizer_param_groups, quantize_linear_4bit, read_lora_shape
+    optimizer_param_groups, quantize_linear_4bit
 from .buckets import BatchPlan, assign_bucket, epoch_order, make_bucket_resolutions  # noqa: F401 (re-export)
 from .cache import LatentCache, TextCache, encode_distribution
 from .config import TrainConfig
@@ -175,13 +175,12 @@ class _Run:
         self.path = output_path(config) if config.output_dir else None
         if self.path and os.path.exists(self.path) and not config.overwrite:
             raise FileExistsError(f"{self.path} already exists; choose another output name or enable overwrite")
-        if config.network_weights:
-            rank, alpha, conv_rank, conv_alpha = read_lora_shape(config.network_weights)
-            if (rank, alpha) != (config.rank, config.alpha) or (conv_rank and conv_rank != config.conv_rank):
-                config = dataclasses.replace(config, rank=rank, alpha=alpha,
-                                             conv_rank=conv_rank or config.conv_rank,
-                                             conv_alpha=conv_alpha or config.conv_alpha)
-                self.config = config
+        self.continuation = None
+        if config.network_weights:  # any key style; adapter/rank/alpha from the file (continuation.py)
+            from .continuation import Continuation
+
+            self.continuation = Continuation(config.network_weights)
+            config = self.config = self.continuation.resolve(config)
         self.resume = None
         if config.resume_from:
             self.resume = load_state(config.resume_from)
@@ -291,15 +290,18 @@ class _Run:
                         or encoder.gradient_checkpointing_enable
                     enable()
         torch.manual_seed(config.seed)
-        groups = attach_adapters(base, config)
+        if self.continuation is not None:
+            self.continuation.prepare(base, config)
+        groups = attach_adapters(base, config, adjust=self.continuation and self.continuation.adjust)
         self.unet_params = groups["unet"]
         self.te_params = [p for ps in groups["text_encoders"] for p in ps]
         for p in self.unet_params + self.te_params:
             p.data = p.data.float()  # trainable weights stay fp32 under mixed precision
-        if config.network_weights:
-            n = load_lora_weights_into(base, config.network_weights, config.train_unet, config.train_text_encoder)
-            self.log(f"continuing from {config.network_weights}: {n} modules loaded "
-                     f"(rank {config.rank}, alpha {config.alpha:g})")
+        if self.continuation is not None:
+            n = self.continuation.load()
+            self.log(f"continuing from {config.network_weights}: {n} {config.adapter} modules loaded "
+                     f"(rank {config.rank}, alpha {config.alpha:g})"
+                     + "".join(f"; {note}" for note in self.continuation.notes))
         param_groups = optimizer_param_groups(base, config, self.unet_params, self.te_params)  # LoRA+ splits
         self.dropout = attach_dropout(base, config)
         optimizer = make_optimizer(config.optimizer, param_groups, config.learning_rate, config.weight_decay,
@@ -441,7 +443,10 @@ class _Run:
         unet = self.accelerator.unwrap_model(self.unet) if config.train_unet else None
         tes = list(self.base.text_encoders) if config.train_text_encoder else []
         try:
-            return kohya_state_dict_from_models(self.base.family, unet=unet, text_encoders=tes)
+            tensors = kohya_state_dict_from_models(self.base.family, unet=unet, text_encoders=tes)
+            if self.continuation is not None:  # the file's diff/diff_b changes, kept as they were
+                tensors.update({k: v.clone() for k, v in self.continuation.passthrough.items()})
+            return tensors
         except NotImplementedError as e:
             raise TrainingError(f"adapter = {config.adapter!r}: the trained weights cannot be written yet ({e})") \
                 from None

@@ -28,13 +28,13 @@ import torch
 from .families import family_from_metadata
 from .names import (
     ALPHA,
-    DEFAULT_UNET_STRUCTURE,
     DORA,
     KOHYA_PREFIXES,
     ldm_unet_path_to_diffusers,
     lora_name,
     te_name,
     unet_name,
+    unet_structure,
 )
 
 # peft/diffusers tensor suffix -> LyCORIS suffix
@@ -122,16 +122,21 @@ def _peft_alpha(cfg: dict, module_path: str, rank: int) -> float | None:
 
 
 class _Namer:
-    def __init__(self, family: str | None):
+    """``structure``: the UNet (or its config, or (layers_per_block, up blocks with attention)) the file is
+    meant for; None: the public models' layout (2 resnets per level). It decides how LDM paths
+    (ComfyUI-native SD1/SD2 keys) and diffusers paths (diffusers-style SDXL keys) are renamed."""
+
+    def __init__(self, family: str | None, structure=None):
         self.family = family
+        self.structure = structure
 
     def unet_diffusers(self, path: str) -> str:
-        return unet_name(self.family or "sd1", _diffusers_unet_path(path))
+        return unet_name(self.family or "sd1", _diffusers_unet_path(path), self.structure)
 
     def unet_ldm(self, path: str) -> str:
         if self.family == "sdxl":
             return lora_name("lora_unet", path)
-        L, up = DEFAULT_UNET_STRUCTURE[self.family or "sd1"]
+        L, up = unet_structure(self.family or "sd1", self.structure)
         diffusers = ldm_unet_path_to_diffusers(path, L, up)
         return lora_name("lora_unet", diffusers if diffusers is not None else path)
 
@@ -184,14 +189,17 @@ def _module_name(base: str, namer: _Namer) -> tuple[str, str | None, str, str] |
     return None
 
 
-def to_kohya(tensors: dict[str, torch.Tensor], metadata: dict | None = None, source: str = "LoRA") -> tuple:
+def to_kohya(tensors: dict[str, torch.Tensor], metadata: dict | None = None, source: str = "LoRA",
+             family: str | None = None, unet_structure=None) -> tuple:
     """(kohya tensors, family or None, style) from a state dict in any supported style.
 
-    ``style`` is "kohya", "diffusers", "comfyui" or "mixed". Raises NotALoraError when no key is a
-    LoRA module, ValueError when two keys map to the same tensor.
+    ``style`` is "kohya", "diffusers", "comfyui" or "mixed". ``family``: the family to assume when the
+    metadata and the keys do not tell; ``unet_structure``: the UNet the file is for (see ``_Namer``;
+    None: the public models' layout). Raises NotALoraError when no key is a LoRA module, ValueError when
+    two keys map to the same tensor.
     """
-    family = guess_family({k: tuple(v.shape) for k, v in tensors.items()}, metadata)
-    namer = _Namer(family)
+    family = guess_family({k: tuple(v.shape) for k, v in tensors.items()}, metadata) or family
+    namer = _Namer(family, unet_structure)
     configs = _adapter_config(metadata)
     out: dict[str, torch.Tensor] = {}
     styles: set[str] = set()

@@ -88,12 +88,14 @@ def _check_modules(tensors: dict, path: str) -> None:
                 )
 
 
-def weights_from_state_dict(tensors: dict, metadata: dict | None = None, source: str = "LoRA") -> LoraWeights:
+def weights_from_state_dict(tensors: dict, metadata: dict | None = None, source: str = "LoRA",
+                            family: str | None = None, unet_structure=None) -> LoraWeights:
     """A LoraWeights from a state dict in any supported key style (kohya, LyCORIS, diffusers/peft,
-    ComfyUI native; see :mod:`.convert`). Non-LoRA keys are dropped."""
+    ComfyUI native; see :mod:`.convert`). Non-LoRA keys are dropped. ``family`` (assumed when the file
+    does not tell) and ``unet_structure`` (the UNet the names are for) as in :func:`.convert.to_kohya`."""
     metadata = dict(metadata or {})
     try:
-        converted, family, style, _skipped = to_kohya(tensors, metadata, source)
+        converted, family, style, _skipped = to_kohya(tensors, metadata, source, family, unet_structure)
     except NotALoraError:
         raise ValueError(_not_a_lora_message(tensors, source)) from None
     _check_modules(converted, source)
@@ -111,17 +113,18 @@ def _not_a_lora_message(tensors: dict, path: str) -> str:
             " (it holds no tensors)") + ". Supported: kohya, LyCORIS, diffusers/peft and ComfyUI LoRA files.")
 
 
-def load_lora_file(path) -> LoraWeights:
+def load_lora_file(path, family: str | None = None, unet_structure=None) -> LoraWeights:
     """Read a LoRA ``.safetensors`` file of any supported style into kohya names.
 
-    Raises FileNotFoundError, or ValueError naming the file when it is not a (complete)
-    safetensors file or holds no LoRA tensors.
+    ``family`` / ``unet_structure``: the model the file is meant for, when known (see
+    :func:`.convert.to_kohya`). Raises FileNotFoundError, or ValueError naming the file when it is not a
+    (complete) safetensors file or holds no LoRA tensors.
     """
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"LoRA file not found: {path}")
     tensors, metadata = _read_safetensors(path)
-    return weights_from_state_dict(tensors, metadata, path)
+    return weights_from_state_dict(tensors, metadata, path, family, unet_structure)
 
 
 from .export import kohya_state_dict_from_models  # noqa: E402  (re-exported; export imports names only)

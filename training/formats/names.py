@@ -84,6 +84,12 @@ def unet_name(family: str, diffusers_path: str, structure=None) -> str:
     return lora_name(UNET_PREFIX_KOHYA, unet_path_to_ldm(diffusers_path, L, up_attn))
 
 
+def unet_structure(family: str, structure=None) -> tuple[int, list[bool]]:
+    """(layers_per_block, up blocks with attention) of ``structure`` (a UNet, its config or that tuple);
+    None: the family's public models."""
+    return _structure(check_family(family), structure)
+
+
 def _structure(family: str, structure) -> tuple[int, list[bool]]:
     if structure is None:
         return DEFAULT_UNET_STRUCTURE[family]
@@ -92,6 +98,39 @@ def _structure(family: str, structure) -> tuple[int, list[bool]]:
     from ..models.ldm_names import _unet_structure
 
     return _unet_structure(structure)
+
+
+def model_module_names(family: str, unet=None, text_encoders=()) -> dict[str, tuple[object, str]]:
+    """kohya name -> (model, module path) for every module with a weight in a diffusers UNet and CLIP text
+    encoders (Linear, Conv2d, norms...): the names :func:`unet_name` / :func:`te_name` give them, and for
+    SD1/SD2 UNets also the LDM-path name ComfyUI and A1111 accept. Used to find the modules of a model
+    that a LoRA file's modules patch."""
+    family = check_family(family)
+    out: dict[str, tuple[object, str]] = {}
+    models = []
+    if unet is not None:
+        L, up_attn = _structure(family, unet)
+
+        def unet_names(path, L=L, up_attn=up_attn):
+            try:
+                ldm = lora_name(UNET_PREFIX_KOHYA, unet_path_to_ldm(path, L, up_attn))
+            except (ValueError, IndexError):
+                ldm = None
+            if family == "sdxl":
+                return [ldm] if ldm else []
+            return [lora_name(UNET_PREFIX_KOHYA, path)] + ([ldm] if ldm else [])
+
+        models.append((unet, unet_names))
+    for te, prefix in zip([t for t in text_encoders if t is not None], te_prefixes(family)):
+        models.append((te, lambda path, prefix=prefix: [te_name(prefix, path)]))
+    for model, names_of in models:
+        for path, module in model.named_modules():
+            weight = getattr(module, "weight", None)
+            if not path or not hasattr(weight, "shape"):
+                continue
+            for n in names_of(path):
+                out.setdefault(n, (model, path))
+    return out
 
 
 # ---------------------------------------------------------------------------------- LDM -> diffusers
