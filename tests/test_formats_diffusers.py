@@ -1,9 +1,11 @@
 """Our kohya files through diffusers' own ``load_lora_weights``: the pipeline's UNet and text encoders then
 compute what the trained (peft-adapted) models compute.
 
-Where diffusers does not support the type (documented in the README, lora-format.md §8): LoHa and LoKr
-(``load_lora_adapter`` raises), DoRA (``dora_scale`` is dropped with a warning). A DoRA baked into a plain
-LoRA (``bake="dora"``) loads; its outputs match up to the reported bake error.
+Where diffusers does not support the type (the README's "Where each type loads" table; these tests keep it
+true): LoHa and LoKr files make ``load_lora_weights`` raise ValueError in its kohya key converter (nothing is
+loaded); DoRA files load with ``dora_scale`` dropped (a logged warning), i.e. as their plain LoRA part. Baked into
+plain LoRA (``bake="dora"``/``"all"``) they load, each module's change equal to the trained one up to the
+reported bake error.
 """
 
 import copy
@@ -99,3 +101,133 @@ def test_diffusers_load_lora_weights_reproduces_trained_outputs(tmp_path, family
     for te_loaded, te_trained in zip([pipe.text_encoder] + ([pipe.text_encoder_2] if family == "sdxl" else []),
                                      trained.text_encoders):
         assert _rel(_te_out(te_loaded), _te_out(te_trained)) < tol
+
+
+# ------------------------------------------------------------------ what diffusers does with LyCORIS types
+
+LYCORIS = {
+    "loha": lambda peft, t: peft.LoHaConfig(r=3, alpha=6, target_modules=t, init_weights=False),
+    "lokr": lambda peft, t: peft.LoKrConfig(r=2, alpha=4, target_modules=t, init_weights=False, decompose_both=True),
+    "lokr_full": lambda peft, t: peft.LoKrConfig(r=64, alpha=4, target_modules=t, init_weights=False),
+    "dora": lambda peft, t: peft.LoraConfig(r=4, lora_alpha=8, target_modules=t, init_lora_weights=False,
+                                            use_dora=True),
+}
+
+
+def _trained(family, variant):
+    import peft
+
+    from comfyui_lora_trainer.training.models import build_tiny_components
+
+    base = build_tiny_components(family, seed=0)
+    torch.manual_seed(3)
+    base.unet.requires_grad_(False).add_adapter(LYCORIS[variant](peft, UNET_LINEAR + ["conv1", "conv2"]))
+    for te in base.text_encoders:
+        te.requires_grad_(False).add_adapter(LYCORIS[variant](peft, TE))
+    if variant == "dora":  # a trained magnitude: otherwise DoRA == its plain LoRA
+        for m in list(base.unet.modules()) + [x for te in base.text_encoders for x in te.modules()]:
+            mag = getattr(m, "lora_magnitude_vector", None)
+            if mag is not None and "default" in mag:
+                mag["default"].weight.data *= 1 + 0.3 * torch.rand_like(mag["default"].weight)
+    return base
+
+
+def _save(tmp_path, family, tensors, name="l.safetensors"):
+    save_lora_file(tmp_path / name, LoraWeights(tensors, make_metadata(RunInfo(family=family)), family))
+    return name
+
+
+def _loaded_pipe(tmp_path, family, name):
+    from comfyui_lora_trainer.training.models import build_tiny_components
+
+    pipe = _pipeline(family, build_tiny_components(family, seed=0))
+    pipe.load_lora_weights(str(tmp_path), weight_name=name)
+    return pipe
+
+
+def _layer_changes(models) -> dict:
+    """(model index, module path) -> the weight change of each peft layer (any adapter name; DoRA: merged - base)."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    out = {}
+    for i, model in enumerate(models):
+        for path, layer in model.named_modules():
+            if not isinstance(layer, BaseTunerLayer) or not layer.active_adapters:
+                continue
+            adapter = layer.active_adapters[0]
+            w0 = layer.get_base_layer().weight.detach().clone()
+            layer.merge(adapter_names=[adapter])
+            out[(i, path)] = layer.get_base_layer().weight.detach() - w0
+            layer.unmerge()
+    return out
+
+
+@pytest.mark.parametrize("family", ["sd1", "sdxl"])
+@pytest.mark.parametrize("variant", ["loha", "lokr", "lokr_full"])
+def test_diffusers_refuses_raw_loha_and_lokr_files(tmp_path, family, variant):
+    """README: diffusers' ``load_lora_weights`` cannot load our LoHa/LoKr exports. It raises in its kohya key
+    converter, naming the LyCORIS keys it cannot rename, and leaves the UNet without an adapter."""
+    trained = _trained(family, variant)
+    tensors = export_kohya(family, unet=trained.unet, text_encoders=trained.text_encoders).tensors
+    name = _save(tmp_path, family, tensors)
+    from comfyui_lora_trainer.training.models import build_tiny_components
+
+    fresh = build_tiny_components(family, seed=0)
+    pipe = _pipeline(family, fresh)
+    before = _unet_out(fresh.unet, family)
+    with pytest.raises(ValueError, match=r"(?s)have not been correctly renamed.*\.(hada_w1_a|lokr_w1)"):
+        pipe.load_lora_weights(str(tmp_path), weight_name=name)
+    assert not getattr(pipe.unet, "peft_config", None)
+    assert torch.equal(_unet_out(pipe.unet, family), before)
+
+
+@pytest.mark.parametrize("family", ["sd1", "sdxl"])
+def test_diffusers_drops_dora_scale_and_loads_the_plain_lora_part(tmp_path, family):
+    """README: diffusers drops ``dora_scale`` (with a logged warning) and loads the rest as plain LoRA: the
+    loaded pipeline computes what the same file without its dora_scale keys gives, not the trained model."""
+    trained = _trained(family, "dora")
+    tensors = export_kohya(family, unet=trained.unet, text_encoders=trained.text_encoders).tensors
+    assert any(k.endswith(".dora_scale") for k in tensors)
+    pipe = _loaded_pipe(tmp_path, family, _save(tmp_path, family, tensors))
+    plain = {k: v for k, v in tensors.items() if not k.endswith(".dora_scale")}
+    reference = _loaded_pipe(tmp_path, family, _save(tmp_path, family, plain, "plain.safetensors"))
+    assert not any(cfg.use_dora for cfg in pipe.unet.peft_config.values())
+    out = _unet_out(pipe.unet, family)
+    assert _rel(out, _unet_out(reference.unet, family)) < 1e-6
+    assert _rel(out, _unet_out(trained.unet, family)) > 1e-2  # the DoRA magnitudes are lost
+
+
+@pytest.mark.parametrize("family", ["sd1", "sdxl"])
+@pytest.mark.parametrize("variant", ["loha", "lokr", "lokr_full", "dora"])
+def test_baked_exports_load_in_diffusers_within_the_reported_svd_error(tmp_path, family, variant):
+    """``bake="all"`` turns LoHa/LoKr/DoRA into plain LoRA that diffusers loads: at rank 2 every loaded
+    module's change is the trained change up to exactly the reported relative SVD error; at full rank the
+    pipeline's outputs equal the trained model's."""
+    from comfyui_lora_trainer.training.formats.names import model_module_names
+    from comfyui_lora_trainer.training.models import build_tiny_components
+
+    trained = _trained(family, variant)
+    models = [trained.unet, *trained.text_encoders]
+    expected = _layer_changes(models)
+    skeleton = build_tiny_components(family, seed=0)
+    where = {name: ([skeleton.unet, *skeleton.text_encoders].index(m), path)
+             for name, (m, path) in model_module_names(family, skeleton.unet, skeleton.text_encoders).items()}
+
+    lossy = export_kohya(family, unet=trained.unet, text_encoders=trained.text_encoders, bake="all", bake_rank=2)
+    assert all(k.endswith((".lora_down.weight", ".lora_up.weight", ".alpha")) for k in lossy.tensors)
+    pipe = _loaded_pipe(tmp_path, family, _save(tmp_path, family, lossy.tensors))
+    loaded = _layer_changes([pipe.unet, pipe.text_encoder] + ([pipe.text_encoder_2] if family == "sdxl" else []))
+    assert set(lossy.bake_errors) and {where[n] for n in lossy.bake_errors} == set(expected)
+    for name, err in lossy.bake_errors.items():
+        key = where[name]
+        assert abs(_rel(loaded[key], expected[key]) - err) < 1e-4, (name, err)
+    assert max(lossy.bake_errors.values()) > 1e-3  # rank 2 really is lossy
+
+    exact = export_kohya(family, unet=trained.unet, text_encoders=trained.text_encoders, bake="all",
+                         bake_rank=10_000)
+    assert max(exact.bake_errors.values()) < 1e-5
+    pipe = _loaded_pipe(tmp_path, family, _save(tmp_path, family, exact.tensors, "exact.safetensors"))
+    assert _rel(_unet_out(pipe.unet, family), _unet_out(trained.unet, family)) < 1e-4
+    for te_loaded, te_trained in zip([pipe.text_encoder] + ([pipe.text_encoder_2] if family == "sdxl" else []),
+                                     trained.text_encoders):
+        assert _rel(_te_out(te_loaded), _te_out(te_trained)) < 1e-4
