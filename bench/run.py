@@ -59,11 +59,13 @@ def write_results(results: list[dict], directory: str = RESULTS_DIR) -> str:
     now = datetime.now(timezone.utc)
     record = {"date": now.isoformat(), "host": socket.gethostname(), "environment": environment(), "results": results}
     path = os.path.join(directory, f"{now.strftime('%Y%m%dT%H%M%SZ')}.json")
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(record, f, indent=2)
-    os.replace(tmp, path)
-    return path
+    from ..training.formats.safetensors_io import write_atomically
+
+    def write(tmp):
+        with open(tmp, "w") as f:
+            json.dump(record, f, indent=2)
+
+    return write_atomically(path, write, overwrite=True)
 
 
 def main(args) -> int:

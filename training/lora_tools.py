@@ -14,7 +14,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import secrets
 from dataclasses import dataclass
 
 import torch
@@ -193,24 +192,13 @@ def merge_into_checkpoint(checkpoint, loras, out_path, overwrite: bool = False,
 def _save_atomic(sd: dict, meta: dict, path: str, overwrite: bool) -> None:
     from safetensors.torch import save_file
 
-    directory = os.path.dirname(path)
-    os.makedirs(directory, exist_ok=True)
-    tmp = os.path.join(directory, f".{os.path.basename(path)}.tmp-{secrets.token_hex(8)}")
+    from .formats.safetensors_io import write_atomically
+
     try:
-        save_file(sd, tmp, metadata={str(k): str(v) for k, v in meta.items()})
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        if overwrite:
-            os.replace(tmp, path)
-        else:
-            try:
-                os.link(tmp, path)
-            except FileExistsError:
-                raise FileExistsError(f"{path} already exists; choose another name or pass overwrite.") from None
-            os.unlink(tmp)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+        write_atomically(path, lambda tmp: save_file(sd, tmp, metadata={str(k): str(v) for k, v in meta.items()}),
+                         overwrite)
+    except FileExistsError:
+        raise FileExistsError(f"{path} already exists; choose another name or pass overwrite.") from None
 
 
 # ------------------------------------------------------------------------------------ inspect

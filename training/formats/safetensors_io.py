@@ -12,6 +12,7 @@ of the file and both hashes describe exactly the final file.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -131,66 +132,96 @@ def serialize_lora(weights: LoraWeights, dtype=None) -> bytes:
     return final
 
 
-def save_lora_file(path, weights: LoraWeights, overwrite: bool = False, dtype=None) -> str:
-    """Write ``weights`` to ``path`` atomically; returns the absolute path written.
+def temp_path_for(path: str) -> str:
+    """``.<name>.tmp-<16 hex>`` next to ``path``: a dot file (ComfyUI lists no dot files) that
+    :func:`cleanup_stale_temp_files` removes when an interrupted write leaves it behind."""
+    directory, name = os.path.split(os.path.abspath(os.fspath(path)))
+    return os.path.join(directory, f".{name}.tmp-{secrets.token_hex(8)}")
 
-    The file appears complete or not at all: the bytes go to ``.<name>.tmp-<random>`` in the same
-    folder, are fsynced, then renamed over ``path``. An existing ``path`` raises FileExistsError
-    unless ``overwrite=True``. ``dtype`` (torch dtype or "fp16"/"bf16"/"fp32") casts the up/down
-    weights; alphas stay float32. The header gets ``sshs_model_hash`` / ``sshs_legacy_hash`` of the
-    bytes written.
+
+def publish_atomically(tmp: str, path: str, overwrite: bool = False) -> None:
+    """Make the complete file ``tmp`` (same folder, already fsynced) appear as ``path`` in one step.
+
+    ``overwrite``: ``os.replace``. Otherwise no clobber: ``os.link(tmp, path)`` fails with FileExistsError
+    when ``path`` exists, even if it appeared a moment ago, then ``tmp`` is unlinked. On a file system
+    without hard links (``link`` raises another OSError: FAT/exFAT, some network shares) the fallback
+    checks that ``path`` does not exist and renames (best effort: not race-free). ``tmp`` is left to the
+    caller when this raises.
+    """
+    if overwrite:
+        os.replace(tmp, path)
+        return
+    try:
+        os.link(tmp, path)
+    except FileExistsError:
+        raise
+    except OSError:
+        if os.path.exists(path):
+            raise FileExistsError(errno.EEXIST, "File exists", path) from None
+        os.replace(tmp, path)
+    else:
+        os.unlink(tmp)
+
+
+def write_atomically(path, write, overwrite: bool = False) -> str:
+    """Write a file so that it appears complete or not at all; returns its absolute path.
+
+    ``write(tmp)`` writes the content to a temp file next to ``path`` (:func:`temp_path_for`); it is
+    fsynced, published with :func:`publish_atomically` and the folder fsynced. On any failure
+    (exception, disk full, ``path`` exists without ``overwrite``: FileExistsError) the temp file is
+    removed and an existing ``path`` is unchanged.
     """
     path = os.path.abspath(os.fspath(path))
-    directory, name = os.path.split(path)
-    if os.path.isdir(path):
-        raise IsADirectoryError(f"Cannot save the LoRA to {path!r}: it is a folder; give a file name.")
-    if not overwrite and os.path.exists(path):
-        raise FileExistsError(
-            f"LoRA file {path!r} already exists; choose another name or enable overwrite."
-        )
-    blob = serialize_lora(weights, dtype=dtype)
+    directory = os.path.dirname(path)
     os.makedirs(directory, exist_ok=True)
-
-    tmp = os.path.join(directory, f".{name}.tmp-{secrets.token_hex(8)}")
+    tmp = temp_path_for(path)
     try:
-        with open(tmp, "xb") as f:
-            f.write(blob)
-            f.flush()
+        write(tmp)
+        with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
-        if overwrite:
-            os.replace(tmp, path)
-        else:
-            # no-clobber publish: link() fails if the name appeared meanwhile
-            try:
-                os.link(tmp, path)
-            except FileExistsError:
-                raise FileExistsError(
-                    f"LoRA file {path!r} already exists; choose another name or enable overwrite."
-                ) from None
-            except OSError:
-                # file systems without hard links: best effort
-                if os.path.exists(path):
-                    raise FileExistsError(
-                        f"LoRA file {path!r} already exists; choose another name or enable overwrite."
-                    ) from None
-                os.replace(tmp, path)
-            else:
-                os.unlink(tmp)
-    except BaseException as e:
+        publish_atomically(tmp, path, overwrite)
+    except BaseException:
         try:
             os.unlink(tmp)
         except OSError:
             pass
-        if isinstance(e, OSError) and not isinstance(e, FileExistsError):
-            # disk full, read-only folder, quota...: say which file and that nothing was replaced
-            raise OSError(
-                e.errno,
-                f"Cannot write the LoRA file {path!r}: {e.strerror or e}. Nothing was written and any existing "
-                "file of that name is unchanged; free some space or choose a writable folder.",
-            ) from e
         raise
     _fsync_dir(directory)
     return path
+
+
+def save_lora_file(path, weights: LoraWeights, overwrite: bool = False, dtype=None) -> str:
+    """Write ``weights`` to ``path`` atomically; returns the absolute path written.
+
+    The file appears complete or not at all (:func:`write_atomically`: the bytes go to
+    ``.<name>.tmp-<random>`` in the same folder, are fsynced, then published). An existing ``path``
+    raises FileExistsError unless ``overwrite=True``. ``dtype`` (torch dtype or "fp16"/"bf16"/"fp32")
+    casts the up/down weights; alphas stay float32. The header gets ``sshs_model_hash`` /
+    ``sshs_legacy_hash`` of the bytes written.
+    """
+    path = os.path.abspath(os.fspath(path))
+    exists = f"LoRA file {path!r} already exists; choose another name or enable overwrite."
+    if os.path.isdir(path):
+        raise IsADirectoryError(f"Cannot save the LoRA to {path!r}: it is a folder; give a file name.")
+    if not overwrite and os.path.exists(path):
+        raise FileExistsError(exists)
+    blob = serialize_lora(weights, dtype=dtype)
+
+    def write(tmp):
+        with open(tmp, "xb") as f:
+            f.write(blob)
+
+    try:
+        return write_atomically(path, write, overwrite)
+    except FileExistsError:
+        raise FileExistsError(exists) from None
+    except OSError as e:
+        # disk full, read-only folder, quota...: say which file and that nothing was replaced
+        raise OSError(
+            e.errno,
+            f"Cannot write the LoRA file {path!r}: {e.strerror or e}. Nothing was written and any existing "
+            "file of that name is unchanged; free some space or choose a writable folder.",
+        ) from e
 
 
 def _fsync_dir(directory: str) -> None:

@@ -11,7 +11,6 @@ import logging
 import os
 import re
 import struct
-import tempfile
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
@@ -616,8 +615,9 @@ def ldm_state_dict(base: BaseModel) -> dict[str, torch.Tensor]:
     return out
 
 
-def write_checkpoint(base: BaseModel, path) -> None:
-    """Save ``base`` as a single-file safetensors checkpoint in the LDM/SAI layout (atomic write)."""
+def write_checkpoint(base: BaseModel, path, overwrite: bool = True) -> None:
+    """Save ``base`` as a single-file safetensors checkpoint in the LDM/SAI layout (atomic write; with
+    ``overwrite=False`` an existing ``path`` raises FileExistsError)."""
     from safetensors.torch import save_file
     path = os.fspath(path)
     fam = family_config(base.family)
@@ -636,14 +636,6 @@ def write_checkpoint(base: BaseModel, path) -> None:
         "modelspec.resolution": f"{res}x{res}",
         "modelspec.prediction_type": "v" if base.prediction_type == "v_prediction" else "epsilon",
     }
-    d = os.path.dirname(os.path.abspath(path))
-    os.makedirs(d, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".safetensors", dir=d)
-    os.close(fd)
-    try:
-        save_file(sd, tmp, metadata=meta)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    from ..formats.safetensors_io import write_atomically
+
+    write_atomically(path, lambda tmp: save_file(sd, tmp, metadata=meta), overwrite=overwrite)
