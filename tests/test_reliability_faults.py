@@ -26,16 +26,11 @@ from comfyui_lora_trainer.training.formats import LoraWeights, save_lora_file
 from comfyui_lora_trainer.training.formats import safetensors_io
 from comfyui_lora_trainer.training.formats.safetensors_io import cleanup_stale_temp_files
 from comfyui_lora_trainer.training.loop import TrainingError, train
-from comfyui_lora_trainer.training.models import load_base_model, tiny_tokenizer_dir, write_tiny_checkpoint
+from comfyui_lora_trainer.training.models import load_base_model, tiny_tokenizer_dir
 
 from fake_host import FakeHost
 
 SAMPLE = os.path.join(os.path.dirname(__file__), "..", "training", "sample_dataset")
-
-
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory):
-    return write_tiny_checkpoint(str(tmp_path_factory.mktemp("ckpt") / "tiny.safetensors"), family="sd1", seed=0)
 
 
 def config_for(checkpoint, out, **over):
@@ -65,23 +60,23 @@ def small_lora(scale=1.0, size=64) -> LoraWeights:
 
 
 @pytest.mark.slow
-def test_cancel_at_a_random_step_then_resume_equals_an_uninterrupted_run(checkpoint, tmp_path):
+def test_cancel_at_a_random_step_then_resume_equals_an_uninterrupted_run(tiny_checkpoint, tmp_path):
     """Stop after a random step k (what Cancel does), resume from the state saved on stop: the final LoRA
     and the loss history equal those of a run that was never interrupted, bitwise on the CPU."""
     steps = 6
     k = random.randrange(1, steps)
-    whole = train(config_for(checkpoint, tmp_path / "whole", steps=steps))
+    whole = train(config_for(tiny_checkpoint, tmp_path / "whole", steps=steps))
 
     out = tmp_path / "cut"
     done = []
-    cut = train(config_for(checkpoint, out, steps=steps, save_state_on_stop=True),
+    cut = train(config_for(tiny_checkpoint, out, steps=steps, save_state_on_stop=True),
                 events=lambda e: done.append(e["step"]) if e["type"] == "step" else None,
                 should_stop=lambda: len(done) >= k)
     assert cut.stopped_early and cut.steps_done == k, (k, cut.steps_done)
     assert cut.state_path and os.path.isfile(cut.state_path), f"no resumable state after cancel at step {k}"
     assert os.path.isfile(out / f"fault_interrupted_step{k}.safetensors")
 
-    resumed = train(config_for(checkpoint, out, steps=steps, resume_from=cut.state_path))
+    resumed = train(config_for(tiny_checkpoint, out, steps=steps, resume_from=cut.state_path))
     assert resumed.steps_done == steps
     assert resumed.losses == whole.losses, f"cancelled at step {k}"
     assert resumed.lora.tensors.keys() == whole.lora.tensors.keys()
@@ -200,14 +195,10 @@ def test_cleanup_also_removes_interrupted_training_state_temps(tmp_path):
     assert sorted(os.listdir(tmp_path)) == [".tmp_notes.txt", "mine_state_step4.pt"]
 
 
-def test_train_node_cleans_leftovers_before_training(tmp_path, checkpoint):
+def test_train_node_cleans_leftovers_before_training(host):
     from comfyui_lora_trainer.nodes.dataset import LoadDataset
     from comfyui_lora_trainer.nodes.train import TrainLoRA
-    import shutil
 
-    host = FakeHost(tmp_path, tiny_tokenizer_dir())
-    shutil.copy(checkpoint, host.checkpoint_path("tiny.safetensors"))
-    shutil.copytree(SAMPLE, os.path.join(host.input_directory(), "shapes"))
     stale = os.path.join(host.loras_directory(), ".crashed.safetensors.tmp-00000000deadbeef")
     with open(stale, "wb") as f:
         f.write(b"half a lora")
@@ -275,7 +266,7 @@ def test_read_only_folder_via_a_read_only_bind_mount(tmp_path):
         _umount(folder)
 
 
-def test_disk_full_injected_at_fsync_during_training(checkpoint, tmp_path, monkeypatch):
+def test_disk_full_injected_at_fsync_during_training(tiny_checkpoint, tmp_path, monkeypatch):
     """Injected, not real: os.fsync in the LoRA writer raises ENOSPC (as a full disk reports it at
     flush time). The run fails with an error naming the file; earlier files in the folder are intact."""
     out = tmp_path / "out"
@@ -291,7 +282,7 @@ def test_disk_full_injected_at_fsync_during_training(checkpoint, tmp_path, monke
     patched.fsync = full
     monkeypatch.setattr(safetensors_io, "os", patched)
     with pytest.raises(OSError, match=r"fault\.safetensors.*No space left") as info:
-        train(config_for(checkpoint, out, steps=2))
+        train(config_for(tiny_checkpoint, out, steps=2))
     assert info.value.errno == errno.ENOSPC
     assert sorted(os.listdir(out)) == ["earlier.safetensors"]
     assert digest(earlier) == earlier_digest
@@ -300,10 +291,10 @@ def test_disk_full_injected_at_fsync_during_training(checkpoint, tmp_path, monke
 # -- NaN mid-run ----------------------------------------------------------------------------------
 
 
-def test_nan_mid_run_stops_naming_the_step_and_keeps_the_last_good_save(checkpoint, tmp_path):
+def test_nan_mid_run_stops_naming_the_step_and_keeps_the_last_good_save(tiny_checkpoint, tmp_path):
     """The LoRA weights are poisoned with NaN after step 5 (through the base model the test passed in),
     so step 6's loss is NaN. The run stops naming step 6 and the periodic save of step 4 stays intact."""
-    base = load_base_model(checkpoint, tiny_tokenizer_dir())
+    base = load_base_model(tiny_checkpoint, tiny_tokenizer_dir())
     out = tmp_path / "out"
 
     def poison(event):
@@ -314,7 +305,7 @@ def test_nan_mid_run_stops_naming_the_step_and_keeps_the_last_good_save(checkpoi
                         p.fill_(float("nan"))
 
     with pytest.raises(TrainingError, match=r"step 6") as info:
-        train(config_for(checkpoint, out, steps=10, save_every_n_steps=2), base=base, events=poison)
+        train(config_for(tiny_checkpoint, out, steps=10, save_every_n_steps=2), base=base, events=poison)
     saved = sorted(glob.glob(str(out / "*.safetensors")))
     assert [os.path.basename(p) for p in saved] == ["fault_step2.safetensors", "fault_step4.safetensors"]
     assert "fault_step4.safetensors" in str(info.value)  # the error points at the last good save

@@ -4,10 +4,10 @@ to do, and nothing is written; awkward but valid input (CMYK, 16-bit, palette, R
 animated, 1x1) trains."""
 
 import os
-import shutil
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import pytest
 import torch
@@ -24,17 +24,11 @@ from comfyui_lora_trainer.training.dataset import (
     resize_and_crop,
 )
 from comfyui_lora_trainer.training.loop import train
-from comfyui_lora_trainer.training.models import tiny_tokenizer_dir, write_tiny_checkpoint
+from comfyui_lora_trainer.training.models import tiny_tokenizer_dir
 
-from fake_host import FakeHost
 from reliability import corpus
 
 SAMPLE = os.path.join(os.path.dirname(__file__), "..", "training", "sample_dataset")
-
-
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory):
-    return write_tiny_checkpoint(str(tmp_path_factory.mktemp("ckpt") / "tiny.safetensors"), family="sd1", seed=0)
 
 
 def tiny_config(checkpoint, dataset, out, **over):
@@ -93,21 +87,19 @@ def test_broken_image_error_names_file_and_fix(tmp_path, name):
 
 
 @pytest.mark.parametrize("name", ["zero_byte.png", "truncated.jpg"])
-def test_training_on_a_broken_image_fails_cleanly_and_writes_nothing(tmp_path, checkpoint, name):
+def test_training_on_a_broken_image_fails_cleanly_and_writes_nothing(tmp_path, tiny_checkpoint, name):
     data = good_dataset(tmp_path / "data")
     bad = BROKEN[name](data / name)
     (data / (os.path.splitext(name)[0] + ".txt")).write_text("broken")
     out = tmp_path / "out"
     out.mkdir()
     with pytest.raises(DatasetError, match=os.path.basename(bad)):
-        train(tiny_config(checkpoint, data, out))
+        train(tiny_config(tiny_checkpoint, data, out))
     assert os.listdir(out) == []
 
 
-def test_node_reports_a_broken_image_as_a_node_error_and_writes_nothing(tmp_path):
-    host = FakeHost(tmp_path, tiny_tokenizer_dir())
-    write_tiny_checkpoint(host.checkpoint_path("tiny.safetensors"), family="sd1", seed=0)
-    data = good_dataset(tmp_path / "input" / "ds")
+def test_node_reports_a_broken_image_as_a_node_error_and_writes_nothing(host):
+    data = good_dataset(Path(host.input_directory()) / "ds")
     corpus.write_truncated(data / "cut.png", "PNG")
     (data / "cut.txt").write_text("cut")
     dataset = LoadDataset.execute(host, folder="ds").values[0]
@@ -169,7 +161,7 @@ def test_one_pixel_image_is_scaled_up(tmp_path):
     assert (top, left) == (0, 0)
 
 
-def test_awkward_but_valid_images_train_end_to_end(tmp_path, checkpoint):
+def test_awkward_but_valid_images_train_end_to_end(tmp_path, tiny_checkpoint):
     data = tmp_path / "awkward"
     data.mkdir()
     writers = {
@@ -182,7 +174,7 @@ def test_awkward_but_valid_images_train_end_to_end(tmp_path, checkpoint):
         write(data / name)
         (data / (os.path.splitext(name)[0] + ".txt")).write_text(name)
     out = tmp_path / "out"
-    result = train(tiny_config(checkpoint, data, out, steps=3, batch_size=2))
+    result = train(tiny_config(tiny_checkpoint, data, out, steps=3, batch_size=2))
     assert len(result.losses) == 3 and all(torch.isfinite(torch.tensor(result.losses)))
     assert os.listdir(out) == ["rel.safetensors"]
 
@@ -279,14 +271,6 @@ def test_out_of_range_numbers_name_the_key_and_write_nothing(tmp_path, key, valu
     assert not out.exists()
 
 
-@pytest.fixture()
-def node_host(tmp_path):
-    host = FakeHost(tmp_path, tiny_tokenizer_dir())
-    write_tiny_checkpoint(host.checkpoint_path("tiny.safetensors"), family="sd1", seed=0)
-    shutil.copytree(SAMPLE, os.path.join(host.input_directory(), "shapes"))
-    return host
-
-
 def node_inputs(dataset, **over):
     values = dict(checkpoint="tiny.safetensors", dataset=dataset, steps=2, learning_rate=1e-3, rank=2, alpha=2.0,
                   resolution=64, batch_size=1, seed=0, output_name="n", precision="fp32")
@@ -295,24 +279,24 @@ def node_inputs(dataset, **over):
 
 
 @pytest.mark.parametrize("key,value", [("rank", 0), ("steps", 0), ("learning_rate", 0.0)])
-def test_node_refuses_out_of_range_numbers(node_host, key, value):
-    dataset = LoadDataset.execute(node_host, folder="shapes").values[0]
+def test_node_refuses_out_of_range_numbers(host, key, value):
+    dataset = LoadDataset.execute(host, folder="shapes").values[0]
     with pytest.raises(NodeError, match=key):
-        TrainLoRA.execute(node_host, **node_inputs(dataset, **{key: value}))
-    assert os.listdir(node_host.loras_directory()) == []
-    assert node_host.freed == 0  # refused before ComfyUI's models were unloaded
+        TrainLoRA.execute(host, **node_inputs(dataset, **{key: value}))
+    assert os.listdir(host.loras_directory()) == []
+    assert host.freed == 0  # refused before ComfyUI's models were unloaded
 
 
-def test_node_refuses_batch_larger_than_the_dataset(node_host):
-    dataset = LoadDataset.execute(node_host, folder="shapes").values[0]
+def test_node_refuses_batch_larger_than_the_dataset(host):
+    dataset = LoadDataset.execute(host, folder="shapes").values[0]
     assert dataset.num_samples == 8
     with pytest.raises(NodeError, match=r"batch_size 9 .*8 samples"):
-        TrainLoRA.execute(node_host, **node_inputs(dataset, batch_size=9))
-    assert os.listdir(node_host.loras_directory()) == []
+        TrainLoRA.execute(host, **node_inputs(dataset, batch_size=9))
+    assert os.listdir(host.loras_directory()) == []
 
 
-def test_train_refuses_batch_larger_than_the_dataset(tmp_path, checkpoint):
+def test_train_refuses_batch_larger_than_the_dataset(tmp_path, tiny_checkpoint):
     out = tmp_path / "out"
     with pytest.raises((ConfigError, DatasetError), match="batch_size"):
-        train(tiny_config(checkpoint, SAMPLE, out, batch_size=9))
+        train(tiny_config(tiny_checkpoint, SAMPLE, out, batch_size=9))
     assert not out.exists() or os.listdir(out) == []

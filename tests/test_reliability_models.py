@@ -3,7 +3,6 @@ model. Each is refused with an error naming the file and what to do; nothing is 
 pickle runs, and no LoRA is half-applied."""
 
 import os
-import shutil
 
 import pytest
 import torch
@@ -19,7 +18,6 @@ from comfyui_lora_trainer.training.models import (
     UnsupportedModelError,
     load_base_model,
     tiny_tokenizer_dir,
-    write_tiny_checkpoint,
 )
 from comfyui_lora_trainer.training.models.loader import read_checkpoint
 
@@ -27,11 +25,6 @@ from fake_host import FakeHost
 from reliability import corpus
 
 SAMPLE = os.path.join(os.path.dirname(__file__), "..", "training", "sample_dataset")
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    return write_tiny_checkpoint(str(tmp_path_factory.mktemp("ckpt") / "tiny.safetensors"), family="sd1", seed=0)
 
 
 def test_unsupported_family_is_named(tmp_path):
@@ -43,8 +36,8 @@ def test_unsupported_family_is_named(tmp_path):
 
 
 @pytest.mark.parametrize("keep", [0.5, 0.9, 0.0001])
-def test_truncated_checkpoint_is_refused_naming_the_file(tmp_path, tiny, keep):
-    path = corpus.write_truncated_copy(tiny, tmp_path / "cut.safetensors", keep)
+def test_truncated_checkpoint_is_refused_naming_the_file(tmp_path, tiny_checkpoint, keep):
+    path = corpus.write_truncated_copy(tiny_checkpoint, tmp_path / "cut.safetensors", keep)
     with pytest.raises(ValueError) as info:
         load_base_model(path, tiny_tokenizer_dir())
     message = str(info.value)
@@ -64,16 +57,16 @@ def test_malicious_pickle_is_refused_and_its_code_never_runs(tmp_path, ext):
     assert marker.exists()
 
 
-def test_plain_weights_pickle_loads_with_weights_only(tmp_path, tiny):
-    state_dict, _ = read_checkpoint(tiny)
+def test_plain_weights_pickle_loads_with_weights_only(tmp_path, tiny_checkpoint):
+    state_dict, _ = read_checkpoint(tiny_checkpoint)
     path = tmp_path / "tiny.ckpt"
     torch.save({"state_dict": state_dict}, path)
     base = load_base_model(str(path), tiny_tokenizer_dir())
     assert base.family == "sd1"
 
 
-def test_training_on_a_truncated_checkpoint_writes_nothing(tmp_path, tiny):
-    path = corpus.write_truncated_copy(tiny, tmp_path / "cut.safetensors", 0.5)
+def test_training_on_a_truncated_checkpoint_writes_nothing(tmp_path, tiny_checkpoint):
+    path = corpus.write_truncated_copy(tiny_checkpoint, tmp_path / "cut.safetensors", 0.5)
     out = tmp_path / "out"
     config = TrainConfig(checkpoint=path, tokenizer=tiny_tokenizer_dir(), dataset=SAMPLE, output_dir=str(out),
                          output_name="x", steps=1, rank=2, alpha=2.0, resolution=64, device="cpu")
@@ -83,14 +76,12 @@ def test_training_on_a_truncated_checkpoint_writes_nothing(tmp_path, tiny):
 
 
 @pytest.mark.parametrize("kind", ["unsupported", "truncated"])
-def test_train_node_with_a_bad_checkpoint_names_it_and_writes_nothing(tmp_path, tiny, kind):
-    host = FakeHost(tmp_path, tiny_tokenizer_dir())
+def test_train_node_with_a_bad_checkpoint_names_it_and_writes_nothing(host, tiny_checkpoint, kind):
     target = host.checkpoint_path("bad.safetensors")
     if kind == "unsupported":
         corpus.write_unsupported_checkpoint(target)
     else:
-        corpus.write_truncated_copy(tiny, target, 0.5)
-    shutil.copytree(SAMPLE, os.path.join(host.input_directory(), "shapes"))
+        corpus.write_truncated_copy(tiny_checkpoint, target, 0.5)
     dataset = LoadDataset.execute(host, folder="shapes").values[0]
     with pytest.raises(Exception, match="bad.safetensors") as info:
         TrainLoRA.execute(host, checkpoint="bad.safetensors", dataset=dataset, steps=1, learning_rate=1e-3, rank=2,
@@ -109,7 +100,7 @@ class ModelHost(FakeHost):
         return {"SD15": 768, "SD2": 1024, "SDXL": 2048}.get(model)
 
 
-def test_lora_context_width_is_read_from_its_shapes(tmp_path, tiny):
+def test_lora_context_width_is_read_from_its_shapes(tmp_path, tiny_checkpoint):
     assert lora_context_dim(corpus.sdxl_lora_tensors()) == 2048
     sd1 = {"lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn2_to_k.lora_down.weight": torch.zeros(4, 768),
            "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn2_to_k.lora_up.weight": torch.zeros(320, 4)}

@@ -16,9 +16,8 @@ from comfyui_lora_trainer.nodes.train import TrainLoRA
 from comfyui_lora_trainer.training.config import ConfigError, TrainConfig, output_name_problem
 from comfyui_lora_trainer.training.formats import LoraWeights
 from comfyui_lora_trainer.training.loop import train
-from comfyui_lora_trainer.training.models import tiny_tokenizer_dir, write_tiny_checkpoint
+from comfyui_lora_trainer.training.models import tiny_tokenizer_dir
 
-from fake_host import FakeHost
 
 SAMPLE = os.path.join(os.path.dirname(__file__), "..", "training", "sample_dataset")
 
@@ -41,14 +40,6 @@ def test_plain_names_are_accepted(name):
 
 def tree(root):
     return sorted(os.path.relpath(os.path.join(d, f), root) for d, _, fs in os.walk(root) for f in fs)
-
-
-@pytest.fixture()
-def host(tmp_path):
-    h = FakeHost(tmp_path / "comfy", tiny_tokenizer_dir())
-    write_tiny_checkpoint(h.checkpoint_path("tiny.safetensors"), family="sd1", seed=0)
-    shutil.copytree(SAMPLE, os.path.join(h.input_directory(), "shapes"))
-    return h
 
 
 @pytest.mark.parametrize("name", ["../escape", "/tmp/abs_lora", "a/../../b", "nul\x00", "CON", "..", "COM3.safetensors"])
