@@ -7,7 +7,11 @@ cache does not depend on the seed. Entries live in memory (shared by runs in one
 up to ``MEMORY_LIMIT_BYTES``) and, with ``cache_latents = "disk"``, in ``cache_dir`` as safetensors files,
 so a second run skips the VAE.
 
-Text embeddings: per caption, in memory, for the run, when the text encoders are frozen.
+Text embeddings: per caption, in memory, for the run, when the text encoders are frozen; keyed by the
+exact caption text and ``max_token_length`` (so varying captions, e.g. wildcards or shuffles, only hit
+when the same text comes again).
+
+Regularization images are dataset items like the others: their latents are keyed the same way.
 """
 
 from __future__ import annotations
@@ -165,18 +169,23 @@ class LatentCache:
 class TextCache:
     """Text-encoder outputs per caption (frozen text encoders), in memory for one run."""
 
-    def __init__(self, limit: int = 4096):
-        self.entries: "OrderedDict[str, tuple[torch.Tensor, torch.Tensor | None]]" = OrderedDict()
+    def __init__(self, max_token_length: int = 75, limit: int = 4096):
+        self.entries: "OrderedDict[tuple[int, str], tuple[torch.Tensor, torch.Tensor | None]]" = OrderedDict()
+        self.max_token_length = int(max_token_length)
         self.limit = limit
         self.encoder_calls = 0
 
+    def key(self, caption: str) -> tuple[int, str]:
+        return (self.max_token_length, caption)
+
     def get(self, caption: str):
-        entry = self.entries.get(caption)
+        key = self.key(caption)
+        entry = self.entries.get(key)
         if entry is not None:
-            self.entries.move_to_end(caption)
+            self.entries.move_to_end(key)
         return entry
 
     def put(self, caption: str, hidden: torch.Tensor, pooled: torch.Tensor | None) -> None:
-        self.entries[caption] = (hidden, pooled)
+        self.entries[self.key(caption)] = (hidden, pooled)
         while len(self.entries) > self.limit:
             self.entries.popitem(last=False)

@@ -6,13 +6,19 @@ Layouts read (first match wins per folder):
 - a same-stem ``.txt`` or ``.caption`` file beside each image (kohya, most taggers).
 kohya-style ``N_name`` subfolders repeat their images N times; a missing caption there falls back to
 the folder's class tokens (``name``), as kohya does.
+
+Regularization (class) images come from a second folder read the same way (``reg_dataset``). As in kohya
+(``DreamBoothDataset``), their repeats are raised or cut so that one epoch holds as many reg samples as
+train samples; they are marked ``is_reg`` and their loss is weighted by ``prior_loss_weight``.
 """
 
 from __future__ import annotations
 
 import csv
+import dataclasses
 import hashlib
 import json
+import math
 import os
 import re
 from dataclasses import dataclass, field
@@ -32,6 +38,8 @@ class DatasetItem:
     caption: str
     repeats: int = 1
     subset: str = "."  # folder relative to the dataset root, for ss_dataset_dirs
+    is_reg: bool = False  # a regularization (class) image: its loss is weighted by prior_loss_weight
+    caption_lines: list[str] | None = None  # every non-empty line of a multi-line caption file (enable_wildcard)
 
 
 @dataclass
@@ -39,6 +47,9 @@ class Dataset:
     root: str
     items: list[DatasetItem]
     warnings: list[str] = field(default_factory=list)
+    reg_root: str | None = None
+    num_reg_images: int = 0  # kohya's ss_num_reg_images: reg images x their folder repeats, before balancing
+    reg_dirs: dict[str, dict[str, int]] = field(default_factory=dict)  # kohya's ss_reg_dataset_dirs
 
     @property
     def num_images(self) -> int:
@@ -46,8 +57,22 @@ class Dataset:
 
     @property
     def num_samples(self) -> int:
-        """Images counted with their repeats: the length of one epoch."""
+        """Images counted with their repeats: the length of one epoch (balanced reg samples included)."""
         return sum(item.repeats for item in self.items)
+
+    @property
+    def num_train_samples(self) -> int:
+        """Train (not reg) images counted with their repeats: kohya's ss_num_train_images."""
+        return sum(item.repeats for item in self.items if not item.is_reg)
+
+    @property
+    def num_reg_samples(self) -> int:
+        """Reg samples per epoch after balancing (about ``num_train_samples`` when a reg folder is given)."""
+        return sum(item.repeats for item in self.items if item.is_reg)
+
+    def has_caption_variants(self) -> bool:
+        """True when ``enable_wildcard`` can give an image different captions: a ``{a|b}`` or several lines."""
+        return any("{" in item.caption or len(item.caption_lines or ()) > 1 for item in self.items)
 
     def epoch_indices(self) -> list[int]:
         """Item index per sample of one epoch (repeats expanded), before shuffling."""
@@ -57,14 +82,18 @@ class Dataset:
         """kohya's ss_dataset_dirs shape: {folder: {"n_repeats": N, "img_count": count}}."""
         out: dict[str, dict[str, int]] = {}
         for item in self.items:
+            if item.is_reg:
+                continue
             entry = out.setdefault(item.subset, {"n_repeats": item.repeats, "img_count": 0})
             entry["img_count"] += 1
         return out
 
     def tag_frequency(self) -> dict[str, dict[str, int]]:
-        """kohya's ss_tag_frequency: comma-separated tags, lower-cased, counted per folder."""
+        """kohya's ss_tag_frequency: comma-separated tags, lower-cased, counted per folder (train images)."""
         out: dict[str, dict[str, int]] = {}
         for item in self.items:
+            if item.is_reg:
+                continue
             counts = out.setdefault(item.subset, {})
             for tag in item.caption.split(","):
                 tag = tag.strip().lower()
@@ -80,6 +109,8 @@ class Dataset:
             digest.update(file_digest(item.image_path).encode())
             digest.update(item.caption.encode())
             digest.update(str(item.repeats).encode())
+            if item.is_reg:
+                digest.update(b"reg")
         return digest.hexdigest()
 
 
@@ -157,25 +188,71 @@ def _scan_folder(root: str, folder: str, repeats: int, class_tokens: str, items:
                 continue
             rel = os.path.normpath(os.path.relpath(path, folder))
             caption = None
+            lines = None
             if metadata is not None:
                 caption = metadata.get(rel)
             if caption is None:
                 for caption_ext in CAPTION_EXTENSIONS:
                     sidecar = os.path.join(dirpath, stem + caption_ext)
                     if os.path.isfile(sidecar):
-                        caption = first_line(read_text(sidecar))
+                        text = read_text(sidecar)
+                        caption = first_line(text)
+                        lines = [line.strip() for line in text.splitlines() if line.strip()]
                         break
             if caption is None:
                 caption = class_tokens
                 warnings.append(f"no caption for {path}" + (f"; using '{class_tokens}'" if class_tokens else ""))
-            items.append(DatasetItem(path, caption, repeats, subset))
+            items.append(DatasetItem(path, caption, repeats, subset,
+                                     caption_lines=lines if lines and len(lines) > 1 else None))
 
 
-def load_dataset(folder: str) -> Dataset:
-    """Scan ``folder`` (see the module docstring for layouts). Raises DatasetError when unusable."""
+def load_dataset(folder: str, reg_folder: str | None = None) -> Dataset:
+    """Scan ``folder`` (see the module docstring for layouts), and ``reg_folder`` for regularization images.
+
+    Raises DatasetError when unusable.
+    """
+    dataset = _load_folder(folder, "dataset")
+    if reg_folder:
+        reg = _load_folder(reg_folder, "reg_dataset")
+        dataset = add_regularization(dataset, reg)
+    return dataset
+
+
+def add_regularization(dataset: Dataset, reg: Dataset) -> Dataset:
+    """kohya's reg balancing (``DreamBoothDataset.__init__``): reg images, in order, are registered with
+    their folder repeats until they cover the train samples; if they fall short, their repeats grow by one,
+    image after image, until they do. Reg images beyond the train samples are left out, with a warning."""
+    train_samples = dataset.num_train_samples
+    num_reg = reg.num_samples
+    warnings = list(dataset.warnings) + [f"reg_dataset: {w}" for w in reg.warnings]
+    if num_reg > train_samples:
+        warnings.append(f"reg_dataset has {num_reg} samples with repeats, more than the {train_samples} train samples; "
+                        "some reg images are not used (as in kohya)")
+    chosen: list[DatasetItem] = []
+    n = 0
+    for item in reg.items:
+        chosen.append(dataclasses.replace(item, is_reg=True))
+        n += item.repeats
+        if n >= train_samples:
+            break
+    while n < train_samples:
+        for i in range(len(chosen)):
+            chosen[i].repeats += 1
+            n += 1
+            if n >= train_samples:
+                break
+    reg_dirs = {}
+    for item in reg.items:
+        entry = reg_dirs.setdefault(item.subset, {"n_repeats": item.repeats, "img_count": 0})
+        entry["img_count"] += 1
+    return Dataset(dataset.root, list(dataset.items) + chosen, warnings, reg_root=reg.root, num_reg_images=num_reg,
+                   reg_dirs=reg_dirs)
+
+
+def _load_folder(folder: str, key: str) -> Dataset:
     root = os.path.abspath(folder)
     if not os.path.isdir(root):
-        raise DatasetError(f"dataset folder not found: {folder}. Point it at a folder of images with captions.")
+        raise DatasetError(f"{key} folder not found: {folder}. Point it at a folder of images with captions.")
     items: list[DatasetItem] = []
     warnings: list[str] = []
     _scan_folder(root, root, 1, "", items, warnings)
@@ -192,14 +269,17 @@ def load_dataset(folder: str) -> Dataset:
             _scan_folder(root, path, max(1, int(match.group(1))), match.group(2).strip(), items, warnings)
         else:
             _scan_folder(root, path, 1, "", items, warnings)
+    where = "" if key == "dataset" else f"{key}: "
     if not items:
         raise DatasetError(
-            f"no images found in {folder} (looked for {', '.join(IMAGE_EXTENSIONS)}, also in N_name subfolders)"
+            f"{where}no images found in {folder} (looked for {', '.join(IMAGE_EXTENSIONS)}, also in N_name subfolders)"
         )
     if all(not item.caption for item in items):
         raise DatasetError(
-            f"no captions found in {folder}: add a .txt file with the same name beside each image, "
+            f"{where}no captions found in {folder}: add a .txt file with the same name beside each image, "
             "or a metadata.jsonl / metadata.csv"
+            + (", or put the images in an N_class folder (e.g. 1_dog) so the class name is the caption"
+               if key == "reg_dataset" else "")
         )
     return Dataset(root, items, warnings)
 
@@ -274,27 +354,70 @@ def with_trigger(caption: str, trigger: str) -> str:
     return f"{trigger}, {caption}" if caption else trigger
 
 
+_WILDCARD = re.compile(r"\{([^}]+)\}")
+
+
+def expand_wildcards(caption: str, choose) -> str:
+    """kohya's ``enable_wildcard``: each ``{a|b|c}`` becomes one of its options (``choose(n)`` -> index);
+    ``{{`` and ``}}`` stand for literal braces."""
+    open_mark, close_mark = "\u2985", "\u2986"
+    while open_mark in caption or close_mark in caption:
+        open_mark += "\u2985"
+        close_mark += "\u2986"
+    caption = caption.replace("{{", open_mark).replace("}}", close_mark)
+
+    def pick(match):
+        options = match.group(1).split("|")
+        return options[choose(len(options))]
+
+    caption = _WILDCARD.sub(pick, caption)
+    return caption.replace(open_mark, "{").replace(close_mark, "}")
+
+
+def warmup_token_count(n_flexible: int, step: int, warmup_min: int, warmup_steps: int) -> int:
+    """kohya's caption token warmup: how many flexible tags a caption keeps at optimizer step ``step``
+    (0-based): ``floor(step * (n - min) / warmup_steps) + min`` until ``warmup_steps``, then all."""
+    if warmup_steps <= 0 or step >= warmup_steps:
+        return n_flexible
+    return math.floor(step * (n_flexible - warmup_min) / warmup_steps) + warmup_min
+
+
 def process_caption(caption: str, *, trigger: str = "", shuffle: bool = False, keep_tokens: int = 0,
                     separator: str = ",", dropout_rate: float = 0.0, tag_dropout_rate: float = 0.0,
-                    drop_all: bool = False, generator=None) -> str:
+                    drop_all: bool = False, generator=None, wildcard: bool = False,
+                    lines: list[str] | None = None, step: int = 0, token_warmup_min: int = 1,
+                    token_warmup_step: int = 0) -> str:
     """kohya's caption options for one sample; randomness comes from ``generator`` (torch.Generator).
 
     The first ``keep_tokens`` tags stay in place and are never dropped; the rest are dropped with
     ``tag_dropout_rate`` each and shuffled with ``shuffle``. ``dropout_rate`` (or ``drop_all``: every
     N-th epoch) replaces the whole caption, trigger included, with "" (unconditional training). The
-    trigger word, if any, is placed first and counts as kept.
+    trigger word, if any, is placed first and counts as kept. With ``wildcard`` one of the caption file's
+    ``lines`` is picked and each ``{a|b}`` resolved to one option. ``token_warmup_step`` (in optimizer
+    steps) limits the flexible tags to ``warmup_token_count`` at ``step``, as kohya does, before the shuffle.
     """
     import torch
 
     def uniform() -> float:
         return float(torch.rand((), generator=generator))
 
+    def choose(n: int) -> int:
+        return int(torch.randint(0, n, (1,), generator=generator))
+
     if drop_all or (dropout_rate > 0 and uniform() < dropout_rate):
         return ""
-    if not (shuffle or tag_dropout_rate > 0):
+    if wildcard:
+        if lines and len(lines) > 1:
+            caption = lines[choose(len(lines))]
+        if "{" in caption:
+            caption = expand_wildcards(caption, choose)
+    warmup = token_warmup_step > 0 and step < token_warmup_step
+    if not (shuffle or tag_dropout_rate > 0 or warmup):
         return with_trigger(caption, trigger)
     tags = [t.strip() for t in caption.split(separator) if t.strip()]
     fixed, flexible = tags[:keep_tokens], tags[keep_tokens:]
+    if warmup:
+        flexible = flexible[:max(0, warmup_token_count(len(flexible), step, token_warmup_min, token_warmup_step))]
     if tag_dropout_rate > 0:
         flexible = [t for t in flexible if uniform() >= tag_dropout_rate]
     if shuffle and len(flexible) > 1:

@@ -48,6 +48,7 @@ class RunInfo:
     num_train_images: int | None = None       # images x repeats
     num_reg_images: int | None = None
     dataset_dirs: dict[str, dict] | None = None       # {dir: {"n_repeats": n, "img_count": m}}
+    reg_dataset_dirs: dict[str, dict] | None = None   # the same for regularization (class) image folders
     tag_frequency: dict[str, dict[str, int]] | None = None  # {dir: {tag: count}}
     bucket_info: dict | None = None
     enable_bucket: bool | None = None
@@ -162,6 +163,7 @@ def make_metadata(info: RunInfo) -> dict[str, str]:
     put("ss_num_train_images", info.num_train_images)
     put("ss_num_reg_images", info.num_reg_images)
     put("ss_dataset_dirs", info.dataset_dirs)
+    put("ss_reg_dataset_dirs", info.reg_dataset_dirs)
     put("ss_tag_frequency", info.tag_frequency)
     put("ss_bucket_info", info.bucket_info)
     put("ss_enable_bucket", info.enable_bucket)
