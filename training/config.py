@@ -24,6 +24,7 @@ CACHE_MODES = ("memory", "disk", "none")
 ATTENTION_BACKENDS = ("sdpa", "eager")
 QUANTIZE = ("none", "4bit")
 SAMPLERS = ("euler", "euler_a", "ddim", "dpm++")
+MAX_TOKEN_LENGTHS = (75, 150, 225)
 DEVICES = ("auto", "cpu", "cuda", "mps")
 
 
@@ -135,6 +136,15 @@ class TrainConfig:
     cache_latents: str = "memory"
     cache_dir: str = ""
     cache_text_embeddings: bool = True
+    # kohya's data extras (README "Data")
+    reg_dataset: str = ""
+    prior_loss_weight: float = 1.0
+    max_token_length: int = 75
+    enable_wildcard: bool = False
+    token_warmup_min: int = 1
+    token_warmup_step: float = 0.0
+    fp8_base: bool = False
+    torch_compile: bool = False
     # runs
     save_every_n_steps: int = 0
     keep_last_n: int = 0
@@ -159,6 +169,11 @@ class TrainConfig:
     def effective_text_encoder_lr(self) -> float:
         """The text encoders' learning rate: ``text_encoder_lr`` or half the UNet's."""
         return self.learning_rate / 2 if self.text_encoder_lr is None else float(self.text_encoder_lr)
+
+    def token_warmup_steps(self) -> int:
+        """``token_warmup_step`` as a step count (below 1: a fraction of ``steps``, floored as kohya does)."""
+        w = float(self.token_warmup_step)
+        return int(math.floor(w * self.steps)) if 0 < w < 1 else int(w)
 
     def warmup_steps(self) -> int:
         """``lr_warmup_steps`` as a step count (a value below 1 is a fraction of ``steps``)."""
@@ -247,12 +262,33 @@ class TrainConfig:
             need(0 <= getattr(self, key) <= 1, key, "use a fraction from 0 to 1")
         need(self.caption_dropout_every_n_epochs >= 0, "caption_dropout_every_n_epochs", "use 0 (off) or more")
         need(self.cache_latents in CACHE_MODES, "cache_latents", f"use one of {', '.join(CACHE_MODES)}")
+        need(isinstance(self.reg_dataset, str), "reg_dataset", "use a folder path, or \"\" for none")
+        need(self.prior_loss_weight >= 0 and math.isfinite(self.prior_loss_weight), "prior_loss_weight",
+             "use 0 or a positive number (1.0 is kohya's default)")
+        need(self.max_token_length in MAX_TOKEN_LENGTHS, "max_token_length",
+             f"use one of {', '.join(map(str, MAX_TOKEN_LENGTHS))} (tokens per caption)")
+        need(isinstance(self.token_warmup_min, int) and self.token_warmup_min >= 0, "token_warmup_min",
+             "use a whole number of tags, 0 or more (kohya's default 1)")
+        need(0 <= self.token_warmup_step and (self.token_warmup_step < 1 or float(self.token_warmup_step).is_integer()),
+             "token_warmup_step", "use 0 (off), a step count, or a fraction below 1 of steps")
+        need(not self.fp8_base or self.adapter != "dora", "fp8_base",
+             "DoRA reads the base weights directly and cannot use float8 ones; use adapter = 'lora', or "
+             "fp8_base = false")
+        need(not self.fp8_base or self.quantize_base == "none", "fp8_base",
+             "the base is already quantized (quantize_base = '4bit'); use one of the two")
         for key in ("save_every_n_steps", "keep_last_n", "early_stopping_patience", "sample_every_n_steps"):
             need(isinstance(getattr(self, key), int) and getattr(self, key) >= 0, key, "use 0 (off) or more")
         need(0 <= self.early_stopping_smoothing < 1, "early_stopping_smoothing", "use a number from 0 to below 1")
         need(isinstance(self.sample_prompts, list) and all(isinstance(p, str) for p in self.sample_prompts),
              "sample_prompts", "use a list of strings")
         need(self.sample_sampler in SAMPLERS, "sample_sampler", f"use one of {', '.join(SAMPLERS)}")
+        from .sampling import PromptError, parse_prompt
+
+        for line in self.sample_prompts:
+            try:
+                parse_prompt(line)
+            except PromptError as e:
+                raise ConfigError(f"sample_prompts: {e}") from None
         need(self.sample_steps >= 1, "sample_steps", "use 1 or more")
         need(self.sample_resolution == 0 or self.sample_resolution % 8 == 0, "sample_resolution",
              "use 0 (= resolution) or a multiple of 8")
@@ -296,7 +332,7 @@ class TrainConfig:
         config = cls.from_dict(values, source=path)
         # Relative paths in a config file are relative to that file, not to the shell's folder.
         for key in ("checkpoint", "dataset", "output_dir", "tokenizer", "network_weights", "resume_from", "cache_dir",
-                    "state_dir"):
+                    "state_dir", "reg_dataset"):
             value = getattr(config, key)
             if value and not os.path.isabs(value):
                 setattr(config, key, os.path.normpath(os.path.join(base, value)))

@@ -186,7 +186,11 @@ class _Run:
             self.resume = load_state(config.resume_from)
             check_compatible(self.resume, self.trajectory_config())
 
-        dataset = self.dataset = load_dataset(config.dataset)
+        dataset = self.dataset = load_dataset(config.dataset, config.reg_dataset or None)
+        if dataset.reg_root:
+            self.log(f"regularization images: {dataset.num_reg_images} with repeats in {config.reg_dataset}, "
+                     f"{dataset.num_reg_samples} per epoch beside {dataset.num_train_samples} train samples, "
+                     f"loss weight {config.prior_loss_weight:g}")
         if config.batch_size * self.world > dataset.num_samples:
             from .dataset import DatasetError
 
@@ -248,15 +252,17 @@ class _Run:
             if cache.hits:
                 self.log(f"latent cache: {cache.hits} of {dataset.num_images} images reused, {cache.vae_calls} encoded")
         self.captions_fixed = not (config.shuffle_caption or config.caption_dropout_rate > 0
-                                   or config.caption_tag_dropout_rate > 0 or config.caption_dropout_every_n_epochs > 0)
+                                   or config.caption_tag_dropout_rate > 0 or config.caption_dropout_every_n_epochs > 0
+                                   or (config.enable_wildcard and dataset.has_caption_variants())
+                                   or config.token_warmup_steps() > 0)
         self.text_cache = None
         if not config.train_text_encoder and config.cache_text_embeddings:
-            self.text_cache = TextCache()
+            self.text_cache = TextCache(config.max_token_length)
             if self.captions_fixed:
                 for encoder in base.text_encoders:
                     encoder.to(self.device)
-                for item in dataset.items:
-                    self.text_condition([with_trigger(item.caption, config.trigger_word)])
+                for item in dataset.items:  # reg (class) images never get the trigger word
+                    self.text_condition([with_trigger(item.caption, "" if item.is_reg else config.trigger_word)])
                 for encoder in base.text_encoders:
                     encoder.to("cpu")
 
@@ -302,6 +308,22 @@ class _Run:
             self.log(f"continuing from {config.network_weights}: {n} {config.adapter} modules loaded "
                      f"(rank {config.rank}, alpha {config.alpha:g})"
                      + "".join(f"; {note}" for note in self.continuation.notes))
+        if config.fp8_base:  # kohya's fp8_base: frozen Linear/Conv weights in float8, upcast per layer
+            from .base_options import Fp8Unavailable, store_frozen_in_fp8
+
+            try:
+                n = store_frozen_in_fp8(unet) + sum(store_frozen_in_fp8(te) for te in base.text_encoders)
+            except Fp8Unavailable as e:
+                raise TrainingError(str(e)) from None
+            self.log(f"fp8_base: {n} frozen layers stored in float8 (e4m3fn)")
+        if config.torch_compile:
+            from .base_options import CompileUnavailable, compile_unet
+
+            try:
+                compile_unet(unet, device)
+            except CompileUnavailable as e:
+                raise TrainingError(str(e)) from None
+            self.log("torch_compile: the UNet is compiled on its first step (minutes on a CPU)")
         param_groups = optimizer_param_groups(base, config, self.unet_params, self.te_params)  # LoRA+ splits
         self.dropout = attach_dropout(base, config)
         optimizer = make_optimizer(config.optimizer, param_groups, config.learning_rate, config.weight_decay,
@@ -326,7 +348,7 @@ class _Run:
         if self.config.train_text_encoder:
             self.stats["text_encoder_calls"] += 1
             with self.accelerator.autocast():
-                cond = encode_prompts(base, captions)
+                cond = encode_prompts(base, captions, max_token_length=self.config.max_token_length)
             pooled = cond.added_cond_kwargs["text_embeds"] if cond.added_cond_kwargs else None
             return cond.encoder_hidden_states, pooled
         hidden, pooled = [None] * len(captions), [None] * len(captions)
@@ -340,7 +362,8 @@ class _Run:
         if missing:
             self.stats["text_encoder_calls"] += 1
             with torch.no_grad():
-                cond = encode_prompts(base, [captions[i] for i in missing])
+                cond = encode_prompts(base, [captions[i] for i in missing],
+                                      max_token_length=self.config.max_token_length)
             for j, i in enumerate(missing):
                 h = cond.encoder_hidden_states[j].float().cpu()
                 p = cond.added_cond_kwargs["text_embeds"][j].float().cpu() if cond.added_cond_kwargs else None
@@ -386,7 +409,10 @@ class _Run:
         latent = mean + std * eps
         epoch = sample_number // self.dataset.num_samples
         caption = process_caption(
-            item.caption, trigger=config.trigger_word, shuffle=config.shuffle_caption, keep_tokens=config.keep_tokens,
+            item.caption, trigger="" if item.is_reg else config.trigger_word, shuffle=config.shuffle_caption,
+            keep_tokens=config.keep_tokens, wildcard=config.enable_wildcard, lines=item.caption_lines,
+            step=getattr(self, "current_step", 0), token_warmup_min=config.token_warmup_min,
+            token_warmup_step=config.token_warmup_steps(),
             separator=config.caption_separator, dropout_rate=config.caption_dropout_rate,
             tag_dropout_rate=config.caption_tag_dropout_rate,
             drop_all=config.caption_dropout_every_n_epochs > 0 and (epoch + 1) % config.caption_dropout_every_n_epochs == 0,
@@ -401,7 +427,8 @@ class _Run:
         batch = self.plan.micro_batch(micro_index)
         n_global = len(batch)
         local = batch[self.rank * config.batch_size:(self.rank + 1) * config.batch_size]
-        weights = [1.0] * len(local)
+        self.current_step = micro_index // config.gradient_accumulation_steps  # 0-based optimizer step
+        weights = [config.prior_loss_weight if self.dataset.items[i].is_reg else 1.0 for _, i in local]
         if not local:  # a short bucket batch left this process nothing: keep DDP in step, weight 0
             local, weights = batch[:1], [0.0]
         samples = [self.make_sample(n, i) for n, i in local]
@@ -506,7 +533,10 @@ class _Run:
             min_snr_gamma=config.min_snr_gamma or None,
             loss_type=config.loss_type,
             zero_terminal_snr=config.zero_terminal_snr,
-            num_train_images=dataset.num_samples,
+            num_train_images=dataset.num_train_samples,
+            num_reg_images=dataset.num_reg_images,
+            reg_dataset_dirs=dataset.reg_dirs if dataset.reg_root else None,
+            prior_loss_weight=config.prior_loss_weight,
             dataset_dirs=dataset.subsets(),
             tag_frequency=dataset.tag_frequency(),
             trigger_words=[config.trigger_word] if config.trigger_word else [],
@@ -563,7 +593,7 @@ class _Run:
             _rotate(config.state_dir or config.output_dir, f"{name}_state_step*.pt", config.keep_last_n)
 
     def sample(self, step: int):
-        from .sampling import sample_images
+        from .sampling import parse_prompt, sample_images
 
         config = self.config
         if not config.sample_prompts or not self.is_main:
@@ -574,6 +604,7 @@ class _Run:
             negative_prompt=config.sample_negative_prompt, seed=config.sample_seed, steps=config.sample_steps,
             cfg=config.sample_cfg, sampler=config.sample_sampler,
             size=config.sample_resolution or config.resolution, device=self.device, autocast=self.accelerator.autocast,
+            max_token_length=config.max_token_length,
         )
         paths = []
         if config.output_dir:
@@ -582,7 +613,8 @@ class _Run:
             for i, image in enumerate(images):
                 paths.append(os.path.join(folder, f"step{step:06d}_{i:02d}.png"))
                 image.save(paths[-1])
-        self.emit({"type": "sample", "step": step, "images": images, "prompts": list(config.sample_prompts),
+        self.emit({"type": "sample", "step": step, "images": images,
+                   "prompts": [parse_prompt(p).prompt for p in config.sample_prompts],
                    "paths": paths})
 
     # ------------------------------------------------------------------ the loop
