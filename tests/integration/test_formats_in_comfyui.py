@@ -63,21 +63,34 @@ def comfy_lib(comfyui_dir):
     return comfy
 
 
-@pytest.fixture(scope="module")
-def sd15(comfy_lib, tmp_path_factory):
-    """(diffusers components, ComfyUI key map, ComfyUI weights by key) of one SD1.5-shaped checkpoint."""
+def _loaded_in_comfy(comfy_lib, family, folder, detected_as=None):
+    """(diffusers components, ComfyUI key map, ComfyUI weights by key) of one random checkpoint of ``family``
+    loaded by ComfyUI; ``detected_as`` overrides only ComfyUI's model detection."""
+    import comfy.model_detection
+
     from comfyui_lora_trainer.training.models import build_components, write_checkpoint
 
-    base = build_components("sd1", seed=0)
-    path = tmp_path_factory.mktemp("sd15") / "sd15.safetensors"
+    base = build_components(family, seed=0)
+    path = folder / f"{family}.safetensors"
     write_checkpoint(base, path)
-    model, clip = comfy_lib.sd.load_checkpoint_guess_config(str(path), output_vae=False, output_clip=True)[:2]
+    detect = comfy.model_detection.model_config_from_unet
+    if detected_as is not None:
+        comfy.model_detection.model_config_from_unet = detected_as
+    try:
+        model, clip = comfy_lib.sd.load_checkpoint_guess_config(str(path), output_vae=False, output_clip=True)[:2]
+    finally:
+        comfy.model_detection.model_config_from_unet = detect
     key_map = comfy_lib.lora.model_lora_keys_unet(model.model, {})
     key_map = comfy_lib.lora.model_lora_keys_clip(clip.cond_stage_model, key_map)
     weights = dict(model.model.state_dict())
     weights.update(clip.cond_stage_model.state_dict())
-    yield base, key_map, weights
-    del model, clip
+    return base, key_map, weights, (type(model.model).__name__, type(clip.cond_stage_model).__name__)
+
+
+@pytest.fixture(scope="module")
+def sd15(comfy_lib, tmp_path_factory):
+    """An SD1.5-shaped checkpoint in ComfyUI: (components, key map, weights)."""
+    return _loaded_in_comfy(comfy_lib, "sd1", tmp_path_factory.mktemp("sd15"))[:3]
 
 
 @pytest.fixture(scope="module")
@@ -88,30 +101,14 @@ def sdxl(comfy_lib, tmp_path_factory):
     import comfy.model_detection
     import comfy.supported_models
 
-    from comfyui_lora_trainer.training.models import build_components, write_checkpoint
-
-    base = build_components("sdxl", seed=0)
-    path = tmp_path_factory.mktemp("sdxl") / "sdxl.safetensors"
-    write_checkpoint(base, path)
-    detect = comfy.model_detection.model_config_from_unet
-
     def as_sdxl(state_dict, prefix, *args, **kwargs):
         unet_config = comfy.model_detection.detect_unet_config(state_dict, prefix)
         assert unet_config["context_dim"] == 2048 and unet_config["adm_in_channels"] == 2816, unet_config
         return comfy.supported_models.SDXL(unet_config)
 
-    comfy.model_detection.model_config_from_unet = as_sdxl
-    try:
-        model, clip = comfy_lib.sd.load_checkpoint_guess_config(str(path), output_vae=False, output_clip=True)[:2]
-    finally:
-        comfy.model_detection.model_config_from_unet = detect
-    assert type(model.model).__name__ == "SDXL" and type(clip.cond_stage_model).__name__ == "SDXLClipModel"
-    key_map = comfy_lib.lora.model_lora_keys_unet(model.model, {})
-    key_map = comfy_lib.lora.model_lora_keys_clip(clip.cond_stage_model, key_map)
-    weights = dict(model.model.state_dict())
-    weights.update(clip.cond_stage_model.state_dict())
-    yield base, key_map, weights
-    del model, clip
+    *loaded, classes = _loaded_in_comfy(comfy_lib, "sdxl", tmp_path_factory.mktemp("sdxl"), as_sdxl)
+    assert classes == ("SDXL", "SDXLClipModel"), classes
+    return tuple(loaded)
 
 
 @pytest.fixture(params=["sd1", "sdxl"])
