@@ -31,29 +31,14 @@ from comfyui_lora_trainer.training.formats.names import KOHYA_PREFIXES, model_mo
 from comfyui_lora_trainer.training.loop import train
 from comfyui_lora_trainer.training.models import build_tiny_components, unet_module_path_to_ldm
 
+from peft_variants import TE, UNET_LINEAR, peft_configs
+
 SAMPLE = os.path.join(os.path.dirname(__file__), "..", "training", "sample_dataset")
-UNET_LINEAR = ["to_q", "to_v", "to_out.0", "proj_in", "ff.net.2", "time_emb_proj"]
-UNET_CONV = ["conv1", "conv_shortcut"]
-TE = ["q_proj", "fc1"]
 TOL = 1e-5
 
 
 def _configs():
-    from peft import LoHaConfig, LoKrConfig, LoraConfig
-
-    return {
-        "lora": lambda t: LoraConfig(r=4, lora_alpha=8, target_modules=t, init_lora_weights=False),
-        "locon": lambda t: LoraConfig(r=4, lora_alpha=2, target_modules=t + UNET_CONV, init_lora_weights=False,
-                                      rank_pattern={r".*conv1": 2}, alpha_pattern={r".*conv1": 1.0}),
-        "loha": lambda t: LoHaConfig(r=3, alpha=6, target_modules=t + UNET_CONV, init_weights=False),
-        "loha_tucker": lambda t: LoHaConfig(r=2, alpha=3, target_modules=t + UNET_CONV, init_weights=False,
-                                            use_effective_conv2d=True),
-        "lokr": lambda t: LoKrConfig(r=2, alpha=4, target_modules=t + UNET_CONV, init_weights=False,
-                                     decompose_both=True),
-        "lokr_full": lambda t: LoKrConfig(r=64, alpha=4, target_modules=t, init_weights=False),
-        "dora": lambda t: LoraConfig(r=4, lora_alpha=8, target_modules=t + UNET_CONV, init_lora_weights=False,
-                                     use_dora=True),
-    }
+    return peft_configs(lora_rslora=False)
 
 
 def _source(family, variant, seed=1):
@@ -262,23 +247,15 @@ def test_kohya_and_lycoris_files(tmp_path, family, variant):
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-@pytest.mark.parametrize("variant", ["lora", "locon", "dora"])
-def test_diffusers_peft_files(tmp_path, family, variant):
+@pytest.mark.parametrize("source_format,variant", [
+    ("diffusers", "lora"), ("diffusers", "locon"), ("diffusers", "dora"),  # diffusers/peft keys
+    ("comfyui", "locon"), ("comfyui", "loha"),  # ComfyUI-native keys
+])
+def test_diffusers_peft_and_comfyui_native_files(tmp_path, family, source_format, variant):
     src = _source(family, variant)
-    path = write_diffusers(tmp_path, family, src)
-    assert load_lora_file(path).source_format == "diffusers"
-    base, config, _, loaded = start(path, family)
-    check_start(src, base, loaded)
-    result = continue_run(path, family, tmp_path)
-    check_continued_file(result, family, path)
-
-
-@pytest.mark.parametrize("family", FAMILIES)
-@pytest.mark.parametrize("variant", ["locon", "loha"])
-def test_comfyui_native_files(tmp_path, family, variant):
-    src = _source(family, variant)
-    path = write_comfy_native(tmp_path, family, src)
-    assert load_lora_file(path).source_format == "comfyui"
+    write = {"diffusers": write_diffusers, "comfyui": write_comfy_native}[source_format]
+    path = write(tmp_path, family, src)
+    assert load_lora_file(path).source_format == source_format
     base, _, _, loaded = start(path, family)
     check_start(src, base, loaded)
     result = continue_run(path, family, tmp_path)
