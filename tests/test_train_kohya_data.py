@@ -15,26 +15,15 @@ from comfyui_lora_trainer.training.base_options import FP8_DTYPE
 from comfyui_lora_trainer.training.config import ConfigError, TrainConfig
 from comfyui_lora_trainer.training.dataset import DatasetError, expand_wildcards, load_dataset, process_caption, \
     warmup_token_count
-from comfyui_lora_trainer.training.loop import TrainingError, sample_generator, train
+from comfyui_lora_trainer.training.loop import TrainingError, sample_generator
 from comfyui_lora_trainer.training.models import build_tiny_components
 from comfyui_lora_trainer.training.models.conditioning import encode_prompts, tokenize_chunks
 from comfyui_lora_trainer.training.sampling import parse_prompt
 
-SAMPLE = os.path.join(os.path.dirname(__file__), "..", "training", "sample_dataset")
+from tiny_runs import cfg, run
+
 LONG = ", ".join(f"tag{i}" for i in range(40))  # 231 tokens with the tiny byte-level tokenizer
 OTHER_TAIL = LONG.replace("tag15", "zzz15").replace("tag20", "qqq20")  # differs at tokens 82-117 only
-
-
-def cfg(**over):
-    values = dict(checkpoint="tiny", dataset=SAMPLE, output_dir="", steps=2, rank=2, alpha=2.0, learning_rate=1e-3,
-                  resolution=64, batch_size=2, seed=1, device="cpu", max_grad_norm=0.0)
-    values.update(over)
-    return TrainConfig(**values)
-
-
-def run(family="sd1", events=None, base=None, should_stop=None, **over):
-    base = base or build_tiny_components(family, seed=0)
-    return train(cfg(**over), base=base, events=events, should_stop=should_stop), base
 
 
 def image(path, color, size=(72, 64)):

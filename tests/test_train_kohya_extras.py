@@ -23,20 +23,7 @@ from comfyui_lora_trainer.training.models import build_tiny_components
 from comfyui_lora_trainer.training.noise import pyramid_noise, sample_noise
 from comfyui_lora_trainer.training.state import ResumeError
 
-SAMPLE = os.path.join(os.path.dirname(__file__), "..", "training", "sample_dataset")
-
-
-def cfg(**over):
-    values = dict(checkpoint="tiny", dataset=SAMPLE, output_dir="", steps=2, rank=2, alpha=2.0, learning_rate=1e-3,
-                  resolution=64, batch_size=2, seed=1, device="cpu", max_grad_norm=0.0)
-    values.update(over)
-    return TrainConfig(**values)
-
-
-def run(family="sd1", events=None, **over):
-    base = build_tiny_components(family, seed=0)
-    result = train(cfg(**over), base=base, events=events)
-    return result, base
+from tiny_runs import SAMPLE, cfg, run
 
 
 def weights_differ(a, b):

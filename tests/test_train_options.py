@@ -10,25 +10,12 @@ from PIL import Image
 
 from comfyui_lora_trainer.training import optim
 from comfyui_lora_trainer.training.buckets import BatchPlan, assign_bucket, make_bucket_resolutions
-from comfyui_lora_trainer.training.config import ConfigError, TrainConfig
+from comfyui_lora_trainer.training.config import ConfigError
 from comfyui_lora_trainer.training.dataset import process_caption
-from comfyui_lora_trainer.training.loop import TrainingError, train
+from comfyui_lora_trainer.training.loop import TrainingError
 from comfyui_lora_trainer.training.models import build_tiny_components
 
-SAMPLE = os.path.join(os.path.dirname(__file__), "..", "training", "sample_dataset")
-
-
-def cfg(**over):
-    values = dict(checkpoint="tiny", dataset=SAMPLE, output_dir="", steps=2, rank=2, alpha=2.0, learning_rate=1e-3,
-                  resolution=64, batch_size=2, seed=1, device="cpu", max_grad_norm=0.0)
-    values.update(over)
-    return TrainConfig(**values)
-
-
-def run(family="sd1", events=None, **over):
-    base = build_tiny_components(family, seed=0)
-    result = train(cfg(**over), base=base, events=events)
-    return result, base
+from tiny_runs import cfg, run
 
 
 def keys(result):
