@@ -12,6 +12,7 @@ import sys
 import pytest
 import torch
 
+from comfyui_lora_trainer.training.adapters import add_adapter
 from comfyui_lora_trainer.training.formats import LoraWeights, load_lora_file, save_lora_file
 from comfyui_lora_trainer.training.formats import safetensors_io
 from comfyui_lora_trainer.training.formats.safetensors_io import publish_atomically, write_atomically
@@ -51,7 +52,7 @@ def _merge_into(checkpoint, out, overwrite=False):
 
     base = load_base_model(checkpoint, tiny_tokenizer_dir())
     torch.manual_seed(0)
-    base.unet.requires_grad_(False).add_adapter(LoraConfig(r=2, lora_alpha=2, target_modules=["to_q"],
+    add_adapter(base.unet.requires_grad_(False), LoraConfig(r=2, lora_alpha=2, target_modules=["to_q"],
                                                            init_lora_weights=False))
     lora = LoraWeights(export_kohya("sd1", unet=base.unet).tensors, {}, "sd1")
     return merge_into_checkpoint(checkpoint, [(lora, 1.0)], out, overwrite=overwrite)

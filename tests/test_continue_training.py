@@ -14,7 +14,7 @@ import os
 import pytest
 import torch
 
-from comfyui_lora_trainer.training.adapters import AdapterError, attach_adapters
+from comfyui_lora_trainer.training.adapters import AdapterError, add_adapter, attach_adapters
 from comfyui_lora_trainer.training.config import ConfigError, TrainConfig
 from comfyui_lora_trainer.training.continuation import Continuation
 from comfyui_lora_trainer.training.formats import (
@@ -46,9 +46,9 @@ def _source(family, variant, seed=1):
     base = build_tiny_components(family, seed=0)
     torch.manual_seed(seed)
     make = _configs()[variant]
-    base.unet.requires_grad_(False).add_adapter(make(UNET_LINEAR))
+    add_adapter(base.unet.requires_grad_(False), make(UNET_LINEAR))
     for te in base.text_encoders:
-        te.requires_grad_(False).add_adapter(make(TE))
+        add_adapter(te.requires_grad_(False), make(TE))
     if variant == "dora":  # a trained magnitude differs from ||W0 + dW||; otherwise DoRA == LoRA
         for m in base.unet.modules():
             mag = getattr(m, "lora_magnitude_vector", None)

@@ -13,6 +13,7 @@ import copy
 import pytest
 import torch
 
+from comfyui_lora_trainer.training.adapters import add_adapter
 from comfyui_lora_trainer.training.formats import LoraWeights, RunInfo, export_kohya, make_metadata, save_lora_file
 
 UNET_LINEAR = ["to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2"]
@@ -76,9 +77,9 @@ def test_diffusers_load_lora_weights_reproduces_trained_outputs(tmp_path, family
     trained = build_tiny_components(family, seed=0)
     torch.manual_seed(3)
     unet = trained.unet.requires_grad_(False)
-    unet.add_adapter(LoraConfig(target_modules=unet_targets, init_lora_weights=False, **kw))
+    add_adapter(unet, LoraConfig(target_modules=unet_targets, init_lora_weights=False, **kw))
     for te in trained.text_encoders:
-        te.requires_grad_(False).add_adapter(LoraConfig(target_modules=TE, init_lora_weights=False,
+        add_adapter(te.requires_grad_(False), LoraConfig(target_modules=TE, init_lora_weights=False,
                                                         **{k: v for k, v in kw.items() if k != "alpha_pattern"}))
     if variant == "dora_baked":
         for m in unet.modules():
@@ -121,9 +122,9 @@ def _trained(family, variant):
 
     base = build_tiny_components(family, seed=0)
     torch.manual_seed(3)
-    base.unet.requires_grad_(False).add_adapter(LYCORIS[variant](peft, UNET_LINEAR + ["conv1", "conv2"]))
+    add_adapter(base.unet.requires_grad_(False), LYCORIS[variant](peft, UNET_LINEAR + ["conv1", "conv2"]))
     for te in base.text_encoders:
-        te.requires_grad_(False).add_adapter(LYCORIS[variant](peft, TE))
+        add_adapter(te.requires_grad_(False), LYCORIS[variant](peft, TE))
     if variant == "dora":  # a trained magnitude: otherwise DoRA == its plain LoRA
         for m in list(base.unet.modules()) + [x for te in base.text_encoders for x in te.modules()]:
             mag = getattr(m, "lora_magnitude_vector", None)

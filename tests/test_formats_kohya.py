@@ -5,6 +5,7 @@ import os
 import pytest
 import torch
 
+from comfyui_lora_trainer.training.adapters import add_adapter
 from comfyui_lora_trainer.training.formats import (
     LoraWeights,
     kohya_state_dict_from_models,
@@ -48,7 +49,7 @@ def _add_lora(model, targets, **kw):
     model.requires_grad_(False)
     cfg = dict(r=4, lora_alpha=8, target_modules=targets, init_lora_weights=False)
     cfg.update(kw)
-    model.add_adapter(LoraConfig(**cfg))
+    add_adapter(model, LoraConfig(**cfg))
     return model
 
 
@@ -159,7 +160,7 @@ def test_other_peft_tuners_are_refused():
 
     te = CLIPTextModel(CLIPTextConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
                                       num_attention_heads=4))
-    te.add_adapter(IA3Config(target_modules=["q_proj", "fc2"], feedforward_modules=["fc2"]))
+    add_adapter(te, IA3Config(target_modules=["q_proj", "fc2"], feedforward_modules=["fc2"]))
     with pytest.raises(NotImplementedError, match="IA3"):
         kohya_state_dict_from_models("sd1", text_encoders=[te])
 

@@ -8,6 +8,7 @@ import json
 import pytest
 import torch
 
+from comfyui_lora_trainer.training.adapters import add_adapter
 from comfyui_lora_trainer.training.formats import (
     LoraWeights,
     export_kohya,
@@ -38,11 +39,11 @@ def _adapted(base, variant, seed=0):
     """Copies of the base's UNet and text encoders with the variant's adapter (random, non-zero)."""
     torch.manual_seed(seed)
     unet = copy.deepcopy(base.unet).requires_grad_(False)
-    unet.add_adapter(_configs()[variant](UNET_LINEAR))
+    add_adapter(unet, _configs()[variant](UNET_LINEAR))
     tes = []
     for te in base.text_encoders:
         te = copy.deepcopy(te).requires_grad_(False)
-        te.add_adapter(_configs()[variant](TE))
+        add_adapter(te, _configs()[variant](TE))
         tes.append(te)
     if variant == "dora":  # a trained magnitude differs from ||W0 + dW||; otherwise DoRA == LoRA
         for m in list(unet.modules()) + [x for te in tes for x in te.modules()]:
@@ -159,10 +160,10 @@ def test_diffusers_peft_file_imports_with_its_alphas(bases):
     unet = copy.deepcopy(base.unet).requires_grad_(False)
     ucfg = LoraConfig(r=4, lora_alpha=8, target_modules=UNET_LINEAR + UNET_CONV, init_lora_weights=False,
                       alpha_pattern={"to_q": 2.0}, use_dora=False)
-    unet.add_adapter(ucfg)
+    add_adapter(unet, ucfg)
     te = copy.deepcopy(base.text_encoders[0]).requires_grad_(False)
     tcfg = LoraConfig(r=2, lora_alpha=4, target_modules=TE, init_lora_weights=False, use_rslora=True)
-    te.add_adapter(tcfg)
+    add_adapter(te, tcfg)
     sd = {"unet." + k: v for k, v in get_peft_model_state_dict(unet).items()}
     sd.update({"text_encoder." + k: v for k, v in get_peft_model_state_dict(te).items()})
     meta = {"lora_adapter_metadata": json.dumps(
@@ -220,3 +221,4 @@ def test_kohya_names_from_other_tools_are_fixed():
          "lora_te1_encoder_layers_0_self_attn_q_proj.alpha": torch.tensor(2, dtype=torch.int64)}
     w = weights_from_state_dict(t, {"ss_base_model_version": "sd_v1"})
     assert module_names(w) == ["lora_te_text_model_encoder_layers_0_self_attn_q_proj"]
+

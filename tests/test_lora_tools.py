@@ -9,6 +9,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
+from comfyui_lora_trainer.training.adapters import add_adapter
 from comfyui_lora_trainer.training.cli import main
 from comfyui_lora_trainer.training.formats import (
     LoraWeights,
@@ -44,11 +45,11 @@ def setup(request, tmp_path_factory):
     save_file(sd, str(ckpt), metadata=meta)
     torch.manual_seed(1)
     unet = copy.deepcopy(base.unet).requires_grad_(False)
-    unet.add_adapter(LoraConfig(r=4, lora_alpha=8, target_modules=UNET, init_lora_weights=False))
+    add_adapter(unet, LoraConfig(r=4, lora_alpha=8, target_modules=UNET, init_lora_weights=False))
     tes = []
     for te in base.text_encoders:
         te = copy.deepcopy(te).requires_grad_(False)
-        te.add_adapter(LoraConfig(r=2, lora_alpha=2, target_modules=TE, init_lora_weights=False))
+        add_adapter(te, LoraConfig(r=2, lora_alpha=2, target_modules=TE, init_lora_weights=False))
         tes.append(te)
     tensors = export_kohya(family, unet=unet, text_encoders=tes).tensors
     lora = save_lora_file(d / "a.safetensors", LoraWeights(tensors, make_metadata(RunInfo(family=family, output_name="a")), family))

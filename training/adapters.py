@@ -1,7 +1,7 @@
 """Adapters: which modules get an adapter (presets, custom patterns) and attaching it through peft.
 
 Adapter types: LoRA, DoRA (``LoraConfig(use_dora=True)``), LoHa and LoKr (peft's LyCORIS tuners), all
-attached with ``model.add_adapter(config)``. Target presets:
+attached through peft's ``inject_adapter_in_model`` (:func:`add_adapter`). Target presets:
 
 - ``attention``: the UNet's attention projections (``to_q``, ``to_k``, ``to_v``, ``to_out.0``);
 - ``attention_ff``: kohya's default: attention + feed-forward (``ff.net.0.proj``, ``ff.net.2``) + the
@@ -89,10 +89,30 @@ def make_peft_config(adapter: str, rank: int, alpha: float, targets, *, conv_ran
     raise AdapterError(f"adapter = {adapter!r}: use one of lora, loha, lokr, dora")
 
 
+def add_adapter(model, peft_config, adapter_name: str = "default") -> None:
+    """Attach ``peft_config`` to ``model`` (a diffusers or transformers model, or any torch module).
+
+    What diffusers' and transformers' ``model.add_adapter`` do, through peft itself: their wrappers gate on
+    their own minimum peft versions (transformers 5.24 refuses peft < 0.22, which may not be installable
+    beside ComfyUI's stack), and the wrapper adds nothing that training or export needs.
+    """
+    from peft import inject_adapter_in_model
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    existing = dict(getattr(model, "peft_config", None) or {})
+    if adapter_name in existing:
+        raise ValueError(f"the model already has an adapter named {adapter_name!r}")
+    inject_adapter_in_model(peft_config, model, adapter_name)
+    model.peft_config = {**existing, adapter_name: peft_config}  # peft keeps only the newest tuner's configs
+    for module in model.modules():
+        if isinstance(module, BaseTunerLayer):
+            module.set_adapter(adapter_name)
+
+
 def _attach(model, peft_config, what: str, adapter_name: str):
     model.requires_grad_(False)
     try:
-        model.add_adapter(peft_config, adapter_name=adapter_name)
+        add_adapter(model, peft_config, adapter_name)
     except ValueError as e:
         if "not found in the base model" in str(e) or "Target modules" in str(e):
             raise AdapterError(f"no module of the {what} matched the target modules: {e}") from None

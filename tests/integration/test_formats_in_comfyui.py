@@ -21,6 +21,7 @@ import numpy as np
 import pytest
 import torch
 
+from comfyui_lora_trainer.training.adapters import add_adapter
 from comfyui_lora_trainer.training.formats import LoraWeights, export_kohya, save_lora_file
 from comfyui_lora_trainer.training.formats.modules import module_delta
 from comfyui_lora_trainer.training.formats.names import checkpoint_targets
@@ -128,10 +129,10 @@ class _Collect(logging.Handler):
 def _adapted(base, variant):
     torch.manual_seed(7)
     unet = copy.deepcopy(base.unet).requires_grad_(False)
-    unet.add_adapter(_config(variant, UNET))
+    add_adapter(unet, _config(variant, UNET))
     tes = [copy.deepcopy(encoder).requires_grad_(False) for encoder in base.text_encoders]
     for te in tes:
-        te.add_adapter(_config(variant, TE))
+        add_adapter(te, _config(variant, TE))
     if variant.startswith("dora"):
         for m in list(unet.modules()) + [m for te in tes for m in te.modules()]:
             mag = getattr(m, "lora_magnitude_vector", None)

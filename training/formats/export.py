@@ -266,7 +266,7 @@ def export_kohya(family: str, unet=None, text_encoders=(), adapter_name: str = "
     if total == 0:
         raise ValueError(
             f"No LoRA layers for adapter {adapter_name!r} were found on the given models; attach one with "
-            "model.add_adapter(LoraConfig(...)) before exporting."
+            "training.adapters.add_adapter(model, LoraConfig(...)) before exporting."
         )
     return result
 
