@@ -560,5 +560,11 @@ def test_two_processes_with_extras_match_one_process(tmp_path):
         torch.testing.assert_close(rank0[k], rank1[k], rtol=0, atol=1e-7)
     single = train(TrainConfig(checkpoint=ckpt, tokenizer=tiny_tokenizer_dir(), dataset=SAMPLE, output_dir="",
                                batch_size=4, **common))
+    # Rounding differs between an all-reduced mean of two half batches and one batch mean, and Adam at lr 1e-2
+    # amplifies it by an amount that depends on the CPU's kernels (up to 1.1e-3 of a tensor's largest value on
+    # an AMD EPYC, less on Sapphire Rapids). Draws made per process instead of per sample would change half
+    # the batch's noise and masks: a run over 2 of the 4 samples ends a median 0.37 of a tensor's largest value
+    # away from this one.
     for k in rank0:
-        torch.testing.assert_close(rank0[k], single.lora.tensors[k], rtol=1e-3, atol=5e-5)
+        scale = single.lora.tensors[k].abs().max().item()
+        torch.testing.assert_close(rank0[k], single.lora.tensors[k], rtol=0, atol=2e-3 * scale)
