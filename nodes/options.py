@@ -21,7 +21,8 @@ from ..training import config as cfg
 from .spec import In, NodeError, NodeResult, NodeSpec, Out, node_id
 from .train import OPTIONS as OPTIONS_TYPE
 
-NONE = "none"  # network_weights: start from fresh adapters
+NONE = "none"  # network_weights: start from fresh adapters; reg_dataset: no regularization images
+AUTO = "auto"  # family: detected from the checkpoint
 _FIELDS = {f.name: f for f in dataclasses.fields(cfg.TrainConfig)}
 _KINDS = {"bool": "BOOLEAN", "int": "INT", "float": "FLOAT", "float | None": "FLOAT", "str": "STRING"}
 
@@ -67,6 +68,35 @@ def _network_weights(value, host):
         return host.lora_path(value)
     except NodeError as e:
         raise NodeError(f"network_weights: {e}") from None
+
+
+def _reg_folders(host) -> list[str]:
+    from .dataset import dataset_folders
+
+    return [NONE] + [f for f in dataset_folders(host) if not f.startswith("(")]
+
+
+def _reg_dataset(value, host):
+    if not value or value == NONE:
+        return ""
+    from .dataset import resolve_folder
+
+    try:
+        return resolve_folder(host, value)  # inside ComfyUI's input folder, like Load Dataset's folder
+    except NodeError as e:
+        raise NodeError(f"reg_dataset: {e}") from None
+
+
+def _family(value, host):
+    return None if value == AUTO else value
+
+
+def _max_token_length(value, host):
+    try:
+        return int(value)
+    except ValueError:
+        raise NodeError(f"max_token_length: {value!r} is not one of {', '.join(map(str, cfg.MAX_TOKEN_LENGTHS))}") \
+            from None
 
 
 def _optimizer_args(value, host):
@@ -150,6 +180,49 @@ TABLE = [
     opt("sample_cfg", "guidance scale of the sample images", min=0.0, max=30.0, step=0.5),
     opt("sample_sampler", "sampler of the sample images", options=cfg.SAMPLERS),
     opt("sample_resolution", "sample image size (0: the training resolution)", min=0, max=4096, step=8),
+    # kohya's loss / noise / network extras
+    opt("huber_schedule", "how huber_c follows the timestep: constant, exponential, snr (kohya's default)",
+        options=cfg.HUBER_SCHEDULES),
+    opt("huber_scale", "multiplies the constant and exponential Huber schedules", min=0.0001, max=100.0, step=0.01),
+    opt("debiased_estimation_loss", "weight each sample's loss by 1/sqrt(snr) (epsilon) or 1/(snr+1) (v)"),
+    opt("noise_offset_random_strength", "each sample draws its noise offset uniformly from 0 to noise_offset"),
+    opt("multires_noise_iterations", "pyramid noise levels (0: off; 6-10 is kohya's advice)", min=0, max=64),
+    opt("multires_noise_discount", "weight decay per pyramid-noise level", min=0.0, max=1.0, step=0.01),
+    opt("ip_noise_gamma", "input-perturbation noise (0: off; about 0.1)", min=0.0, max=1.0, step=0.01),
+    opt("ip_noise_gamma_random_strength", "each sample draws its ip_noise_gamma uniformly from 0 to it"),
+    opt("loraplus_lr_ratio", "LoRA+: the up matrices learn at lr * ratio (0: off; 16 is the paper's advice)",
+        min=0.0, max=1000.0, step=0.5),
+    opt("loraplus_unet_lr_ratio", "LoRA+ ratio for the UNet only (wins over loraplus_lr_ratio)", min=0.0,
+        max=1000.0, step=0.5),
+    opt("loraplus_text_encoder_lr_ratio", "LoRA+ ratio for the text encoders only (wins over loraplus_lr_ratio)",
+        min=0.0, max=1000.0, step=0.5),
+    opt("network_dropout", "dropout on the down projection's output (lora/dora)", min=0.0, max=0.99, step=0.01),
+    opt("rank_dropout", "each rank channel of a sample dropped with this probability (lora/dora)", min=0.0,
+        max=0.99, step=0.01),
+    opt("module_dropout", "each LoRA module skipped for a sample with this probability (lora)", min=0.0, max=0.99,
+        step=0.01),
+    opt("scale_weight_norms", "max-norm regularisation of each module's change (0: off; 1 is common; lora)",
+        min=0.0, max=100.0, step=0.1),
+    # kohya's data extras
+    opt("reg_dataset", "a folder of regularization (class) images inside ComfyUI's input folder; none: off",
+        options=_reg_folders, default=NONE, to_config=_reg_dataset),
+    opt("prior_loss_weight", "the reg images' loss is multiplied by this", min=0.0, max=100.0, step=0.05),
+    opt("max_token_length", "tokens per caption: longer captions are encoded in 75-token windows",
+        options=[str(n) for n in cfg.MAX_TOKEN_LENGTHS], default=str(cfg.TrainConfig.max_token_length),
+        to_config=_max_token_length),
+    opt("enable_wildcard", "{a|b|c} in a caption picks one option per sample; a multi-line caption a random line"),
+    opt("token_warmup_min", "caption token warmup: the tags a caption starts with", min=0, max=255),
+    opt("token_warmup_step", "the step by which captions reach full length (below 1: a fraction of steps; 0: off)",
+        min=0.0, max=1_000_000.0, step=0.01),
+    # model and speed
+    opt("fp8_base", "store the frozen base weights in float8 (half the memory of bf16; not with dora or 4bit)"),
+    opt("torch_compile", "compile the UNet: faster steps after a slow first one (minutes on a CPU)"),
+    opt("family", "force the model family; auto: detected from the checkpoint", options=(AUTO, *cfg.FAMILIES),
+        default=AUTO, to_config=_family),
+    # runs
+    opt("save_state", "with every save_every file, also write a resumable state (output/loratrainer_state), so "
+                      "a crash or power cut can be resumed from there"),
+    opt("save_state_on_stop", "when cancelled, write a resumable state"),
 ]
 ROWS = {row.key: row for row in TABLE}
 

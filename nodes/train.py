@@ -253,7 +253,8 @@ class TrainLoRA(NodeSpec):
                 where = f"{states} (nor in models/loras)" if states else "models/loras"
                 raise NodeError(
                     f"resume: no saved state for '{config.output_name}' in {where}; a run saves one when it "
-                    "is cancelled or every save_every steps. Switch resume off to start afresh."
+                    "is cancelled, and every save_every steps with save_state on (Training Options). Switch resume "
+                    "off to start afresh."
                 )
             config.resume_from = state
         try:

@@ -26,6 +26,7 @@ def test_every_key_is_documented_in_the_readme():
     ("loss_type", "l3"), ("cache_latents", "gpu"), ("attention", "xformers"), ("quantize_base", "8bit"),
     ("caption_dropout_rate", 1.5), ("min_bucket_reso", 32), ("lr_warmup_steps", 2.5), ("sample_sampler", "plms"),
     ("keep_last_n", -1), ("early_stopping_smoothing", 1.0), ("text_encoder_lr", 2.0), ("conv_rank", -1),
+    ("family", "sd3"),
 ])
 def test_bad_values_name_the_key(key, value):
     config = TrainConfig(checkpoint="c", dataset="d", **{key: value})

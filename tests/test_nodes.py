@@ -1,5 +1,6 @@
 """The node layer through the host's test double (no ComfyUI needed)."""
 
+import json
 import os
 import shutil
 
@@ -240,3 +241,65 @@ def test_training_options_continue_from_a_lora_file(host):
     host.texts.clear()
     TrainLoRA.execute(host, **train_inputs(dataset, steps=1, output_name="second"), options=options)
     assert any("continuing from" in text and name in text for _, text in host.texts)
+
+
+# Settings the Training Options node leaves out on purpose: paths that would let a graph read or write
+# outside ComfyUI's folders, and what the node itself decides (where files go, logging, the device).
+NOT_ON_THE_OPTIONS_NODE = {
+    "cache_dir": "a free path; the disk cache stays beside the dataset inside the input folder",
+    "log_every": "terminal logging; the node shows every step",
+    "extra": "not a setting",
+}
+
+
+def test_training_options_cover_every_setting_but_the_listed_ones(host):
+    import dataclasses
+
+    from comfyui_lora_trainer.nodes.options import ROWS
+    from comfyui_lora_trainer.training.config import TrainConfig
+
+    own = set(TrainLoRA.build_config(host, **train_inputs(LoadDataset.execute(host, folder="shapes").values[0]))
+              .to_dict()) - set(ROWS) - set(NOT_ON_THE_OPTIONS_NODE)
+    # what is left is set by Train LoRA's own inputs or by the node itself
+    assert own == {"checkpoint", "dataset", "steps", "learning_rate", "rank", "alpha", "resolution", "batch_size",
+                   "seed", "output_name", "precision", "trigger_word", "overwrite", "gradient_checkpointing",
+                   "sample_every_n_steps", "sample_prompts", "save_every_n_steps", "resume_from", "state_dir",
+                   "output_dir", "device", "tokenizer"}
+    assert {f.name for f in dataclasses.fields(TrainConfig)} == own | set(ROWS) | set(NOT_ON_THE_OPTIONS_NODE)
+
+
+def test_training_options_reg_dataset_family_and_token_length(host):
+    from comfyui_lora_trainer.nodes.options import NONE, TrainingOptions, _reg_folders
+
+    shutil.copytree(SAMPLE, os.path.join(host.input_directory(), "dogs", "1_dog"))
+    assert _reg_folders(host) == [NONE, "dogs", "shapes"]
+    (options,) = TrainingOptions.execute(host, reg_dataset="dogs", prior_loss_weight=0.5, max_token_length="150",
+                                         family="sd1", enable_wildcard=True).values
+    assert options == {"reg_dataset": os.path.join(os.path.realpath(host.input_directory()), "dogs"),
+                       "prior_loss_weight": 0.5, "max_token_length": 150, "family": "sd1", "enable_wildcard": True}
+    assert TrainingOptions.execute(host, reg_dataset=NONE, family="auto", max_token_length="75").values == ({},)
+    with pytest.raises(NodeError, match="^reg_dataset: folder '../models': must be a folder inside"):
+        TrainingOptions.execute(host, reg_dataset="../models")
+    with pytest.raises(NodeError, match="^family = 'sd3'"):
+        TrainingOptions.execute(host, family="sd3")
+    with pytest.raises(NodeError, match="^max_token_length = 100"):
+        TrainingOptions.execute(host, max_token_length="100")
+    # the reg folder is trained on: its folder is in the written file's metadata
+    dataset = LoadDataset.execute(host, folder="shapes").values[0]
+    _, _, name = TrainLoRA.execute(host, **train_inputs(dataset, steps=1, output_name="with_reg"),
+                                   options=options).values
+    from comfyui_lora_trainer.training.formats import load_lora_file
+
+    metadata = load_lora_file(os.path.join(host.loras_directory(), name)).metadata
+    assert json.loads(metadata["ss_reg_dataset_dirs"]) == {"1_dog": {"n_repeats": 1, "img_count": 8}}
+
+
+def test_training_options_save_state_writes_resumable_states_with_save_every(host):
+    from comfyui_lora_trainer.nodes.options import TrainingOptions
+
+    dataset = LoadDataset.execute(host, folder="shapes").values[0]
+    (options,) = TrainingOptions.execute(host, save_state=True).values
+    TrainLoRA.execute(host, **train_inputs(dataset, steps=4, save_every=2, output_name="states"), options=options)
+    assert sorted(os.listdir(host.state_directory())) == ["states_state_step2.pt", "states_state_step4.pt"]
+    TrainLoRA.execute(host, **train_inputs(dataset, steps=2, save_every=1, output_name="no_states"))
+    assert not [n for n in os.listdir(host.state_directory()) if n.startswith("no_states")]

@@ -26,6 +26,7 @@ QUANTIZE = ("none", "4bit")
 SAMPLERS = ("euler", "euler_a", "ddim", "dpm++")
 MAX_TOKEN_LENGTHS = (75, 150, 225)
 DEVICES = ("auto", "cpu", "cuda", "mps")
+FAMILIES = ("sd1", "sd2", "sd2-v", "sdxl")
 
 
 _RESERVED_NAMES = {"con", "prn", "aux", "nul"} | {f"{p}{i}" for p in ("com", "lpt") for i in range(1, 10)}
@@ -292,6 +293,8 @@ class TrainConfig:
         need(self.sample_steps >= 1, "sample_steps", "use 1 or more")
         need(self.sample_resolution == 0 or self.sample_resolution % 8 == 0, "sample_resolution",
              "use 0 (= resolution) or a multiple of 8")
+        need(self.family is None or self.family in FAMILIES, "family",
+             f"use one of {', '.join(FAMILIES)}, or leave it out to detect the family from the checkpoint")
         need(self.device in DEVICES or self.device.startswith("cuda:"), "device", f"use one of {', '.join(DEVICES)}")
         if self.output_name.lower().endswith(".safetensors"):
             self.output_name = self.output_name[: -len(".safetensors")]

@@ -11,11 +11,11 @@ from typing import Any, Mapping
 
 import torch
 
+from ..config import FAMILIES  # noqa: F401  (the names live with the other settings' choices)
 from .ldm_names import UNET_PREFIX
 
 logger = logging.getLogger(__name__)
 
-FAMILIES = ("sd1", "sd2", "sd2-v", "sdxl")
 ARCH_METADATA_KEY = "comfyui_lora_trainer.arch"
 _CONFIG_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs")
 
