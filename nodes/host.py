@@ -203,6 +203,8 @@ class ComfyHost:
     def apply_lora(self, model, clip, tensors: dict, strength_model: float, strength_clip: float):
         import comfy.sd
 
+        if any(k.endswith(".dora_scale") for k in tensors) and comfy_dora_divides_by_base_norm():
+            tensors = dora_for_comfy(model, clip, tensors)
         return comfy.sd.load_lora_for_models(model, clip, tensors, strength_model, strength_clip)
 
     def read_lora_file(self, path: str) -> dict:
@@ -217,6 +219,63 @@ class ComfyHost:
             return int(value) if value else None
         except Exception:  # not a UNet model (or not a ModelPatcher): no check
             return None
+
+
+_DORA_PROBE: list[bool] = []
+
+
+def comfy_dora_divides_by_base_norm() -> bool:
+    """Whether this ComfyUI's ``weight_decompose`` divides an output-axis ``dora_scale`` by ``||W0||`` instead of
+    ``||W0 + dW||`` (<= 0.3.64; PR Comfy-Org/ComfyUI#15458). Asked of ComfyUI itself, once, so a fixed
+    version gets the file unchanged."""
+    if not _DORA_PROBE:
+        import torch
+
+        try:
+            from comfy.weight_adapter.base import weight_decompose
+
+            # W0 = (3, 4), dW = W0: ||W0 + dW|| = 10, ||W0|| = 5, m = 5 -> right: (3, 4); by ||W0||: (6, 8)
+            w0 = torch.tensor([[3.0, 4.0]])
+            out = weight_decompose(torch.tensor([[5.0]]), w0.clone(), w0.clone(), 1.0, 1.0, torch.float32,
+                                   lambda d: d)
+            _DORA_PROBE.append(bool(out[0, 0] > 4.5))
+        except Exception:  # another signature: a newer ComfyUI, which we do not second-guess
+            _DORA_PROBE.append(False)
+    return _DORA_PROBE[0]
+
+
+def dora_for_comfy(model, clip, tensors: dict) -> dict:
+    """``tensors`` with each output-axis DoRA module's ``dora_scale`` set so that ComfyUI's ``||W0||`` division
+    applies the module exactly (training/formats/modules.py: dora_scale_for_base_norm), from the weights of the
+    model and text encoders it is applied to. In memory only: the file stays standard."""
+    import comfy.lora
+    import comfy.utils
+    import torch
+
+    from ..training.formats.modules import dora_is_output_axis, dora_scale_for_base_norm
+
+    owners = []
+    if model is not None:
+        owners.append((model.model, comfy.lora.model_lora_keys_unet(model.model, {})))
+    if clip is not None:
+        owners.append((clip.cond_stage_model, comfy.lora.model_lora_keys_clip(clip.cond_stage_model, {})))
+    out = dict(tensors)
+    for key in [k for k in tensors if k.endswith(".dora_scale")]:
+        name = key[: -len(".dora_scale")]
+        for owner, key_map in owners:
+            target = key_map.get(name)
+            if target is None:
+                continue
+            weight_key, part = (target, None) if isinstance(target, str) else target
+            with torch.no_grad():
+                weight = comfy.utils.get_attr(owner, weight_key)
+                if part is not None:
+                    weight = weight.narrow(*part)
+                weight = weight.detach().float().cpu()
+                if dora_is_output_axis(tensors[key], weight.shape):
+                    out[key] = dora_scale_for_base_norm(tensors, name, weight)
+            break
+    return out
 
 
 # -- V3 adaptation ------------------------------------------------------------------------------

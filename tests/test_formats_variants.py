@@ -222,3 +222,28 @@ def test_kohya_names_from_other_tools_are_fixed():
     w = weights_from_state_dict(t, {"ss_base_model_version": "sd_v1"})
     assert module_names(w) == ["lora_te_text_model_encoder_layers_0_self_attn_q_proj"]
 
+
+@pytest.mark.parametrize("shape", [(6, 5), (4, 3, 3, 3)])
+def test_dora_scale_for_base_norm_makes_comfyuis_formula_exact(shape):
+    from comfyui_lora_trainer.training.formats.modules import dora_scale_for_base_norm, dora_weight, module_delta
+
+    g = torch.Generator().manual_seed(3)
+    w0 = torch.randn(*shape, generator=g)
+    out, rank = shape[0], 2
+    down = torch.randn(rank, *shape[1:], generator=g) if len(shape) == 4 else torch.randn(rank, shape[1], generator=g)
+    t = {"m.lora_down.weight": down,
+         "m.lora_up.weight": torch.randn(out, rank, *([1, 1] if len(shape) == 4 else []), generator=g),
+         "m.alpha": torch.tensor(4.0),
+         "m.dora_scale": (1 + torch.rand(out, *[1] * (len(shape) - 1), generator=g))}
+    want = w0 + module_delta(t, "m", base_weight=w0)
+    plain = module_delta({k: v for k, v in t.items() if k != "m.dora_scale"}, "m", shape=w0.shape)
+    rows = (out,) + (1,) * (len(shape) - 1)
+
+    def comfy_0_3_64(scale):  # weight_decompose on the output axis: (W0 + dW) * s / ||W0||
+        return (w0 + plain) * scale.reshape(rows) / w0.reshape(out, -1).norm(dim=1).reshape(rows)
+
+    assert (comfy_0_3_64(t["m.dora_scale"]) - want).abs().max() > 1e-2  # the bug is visible here
+    fixed = dora_scale_for_base_norm(t, "m", w0)
+    assert fixed.shape == t["m.dora_scale"].shape
+    torch.testing.assert_close(comfy_0_3_64(fixed), want, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(dora_weight(w0, plain, t["m.dora_scale"]), want)

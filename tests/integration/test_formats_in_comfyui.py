@@ -5,8 +5,9 @@ the inputs stacked.
    reduced SDXL checkpoint (UNet in SAI names, both text encoders), for every
    export variant (LoRA, LoCon, LoHa, LoHa-Tucker, LoKr, full-factor LoKr, DoRA, DoRA baked): zero
    "lora key not loaded", every module mapped, and the patched weight equals ours within 1e-5 of the change.
-   DoRA is the documented exception: ComfyUI <= 0.3.64 divides by ||W0|| instead of ||W0 + dW|| on the
-   output axis; the test pins that formula, so a fixed ComfyUI shows up here.
+   DoRA is the documented exception of ComfyUI's own loader: ComfyUI <= 0.3.64 divides by ||W0|| instead of
+   ||W0 + dW|| on the output axis; the test pins that formula, so a fixed ComfyUI shows up here. Our Apply LoRA
+   compensates for it: through its host the DoRA file patches exactly.
 2. Through the server: Apply(A, wA) -> Apply(B, wB) and Apply(Merge(A, wA, B, wB)) give the same image
    (same seed) within 1/255, and the LoRAs change the image measurably.
 """
@@ -65,8 +66,9 @@ def comfy_lib(comfyui_dir):
 
 
 def _loaded_in_comfy(comfy_lib, family, folder, detected_as=None):
-    """(diffusers components, ComfyUI key map, ComfyUI weights by key) of one random checkpoint of ``family``
-    loaded by ComfyUI; ``detected_as`` overrides only ComfyUI's model detection."""
+    """(diffusers components, ComfyUI key map, ComfyUI weights by key, (MODEL, CLIP)) of one random checkpoint
+    of ``family`` loaded by ComfyUI, and its model classes; ``detected_as`` overrides only ComfyUI's model
+    detection."""
     import comfy.model_detection
 
     from comfyui_lora_trainer.training.models import build_components, write_checkpoint
@@ -85,13 +87,13 @@ def _loaded_in_comfy(comfy_lib, family, folder, detected_as=None):
     key_map = comfy_lib.lora.model_lora_keys_clip(clip.cond_stage_model, key_map)
     weights = dict(model.model.state_dict())
     weights.update(clip.cond_stage_model.state_dict())
-    return base, key_map, weights, (type(model.model).__name__, type(clip.cond_stage_model).__name__)
+    return base, key_map, weights, (model, clip), (type(model.model).__name__, type(clip.cond_stage_model).__name__)
 
 
 @pytest.fixture(scope="module")
 def sd15(comfy_lib, tmp_path_factory):
-    """An SD1.5-shaped checkpoint in ComfyUI: (components, key map, weights)."""
-    return _loaded_in_comfy(comfy_lib, "sd1", tmp_path_factory.mktemp("sd15"))[:3]
+    """An SD1.5-shaped checkpoint in ComfyUI: (components, key map, weights, (MODEL, CLIP))."""
+    return _loaded_in_comfy(comfy_lib, "sd1", tmp_path_factory.mktemp("sd15"))[:4]
 
 
 @pytest.fixture(scope="module")
@@ -150,7 +152,7 @@ def _comfy_dora(w0, delta, m):
 
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_every_key_loads_and_patches_as_ours(comfy_lib, checkpoint_in_comfy, variant):
-    family, (base, key_map, weights) = checkpoint_in_comfy
+    family, (base, key_map, weights, _) = checkpoint_in_comfy
     unet, tes = _adapted(base, variant)
     result = export_kohya(family, unet=unet, text_encoders=tes, bake="dora" if variant == "dora_baked" else "none")
     tensors = result.tensors
@@ -185,6 +187,32 @@ def test_every_key_loads_and_patches_as_ours(comfy_lib, checkpoint_in_comfy, var
         assert err < 1e-5, (name, err)
     if variant == "dora_baked":
         assert result.bake_errors and max(result.bake_errors.values()) < 1.0
+
+
+def test_apply_lora_patches_raw_dora_exactly(comfy_lib, checkpoint_in_comfy):
+    """Through our Apply LoRA host (ComfyHost.apply_lora), a raw DoRA file patches ComfyUI's weights as the
+    trained model has them, on the UNet and the text encoder(s), at strength 1 and at 0.6: the host gives
+    ComfyUI's ||W0|| division a compensated dora_scale (in memory; the file stays standard)."""
+    from comfyui_lora_trainer.nodes.host import ComfyHost, comfy_dora_divides_by_base_norm
+
+    family, (base, key_map, weights, (model, clip)) = checkpoint_in_comfy
+    unet, tes = _adapted(base, "dora")
+    tensors = export_kohya(family, unet=unet, text_encoders=tes).tensors
+    names = sorted({k.split(".", 1)[0] for k in tensors})
+    assert all(n + ".dora_scale" in tensors for n in names)
+    print(f"\n[comfy] weight_decompose divides by ||W0||: {comfy_dora_divides_by_base_norm()}")
+    for strength in (1.0, 0.6):
+        patched_model, patched_clip = ComfyHost().apply_lora(model, clip, tensors, strength, strength)
+        patches = {**patched_clip.patcher.patches, **patched_model.patches}
+        worst = 0.0
+        for name in names:
+            key = key_map[name]
+            w0 = weights[key].float()
+            got = comfy_lib.lora.calculate_weight(patches[key], w0.clone(), key)
+            delta = strength * module_delta(tensors, name, shape=w0.shape, base_weight=w0)
+            worst = max(worst, ((got - (w0 + delta)).norm() / delta.norm()).item())
+        print(f"[comfy] {family} DoRA through Apply LoRA at {strength}: {len(names)} modules, worst {worst:.2e}")
+        assert worst < 1e-5
 
 
 # ------------------------------------------------------------------------------- merged vs stacked image

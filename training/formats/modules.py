@@ -178,8 +178,7 @@ def module_delta(tensors: dict, name: str, shape=None, base_weight: torch.Tensor
 def dora_weight(w0: torch.Tensor, delta: torch.Tensor, dora_scale: torch.Tensor) -> torch.Tensor:
     """``(W0 + dW) * m / ||W0 + dW||`` with the norm on the axis ``dora_scale`` is laid out on."""
     w = w0 + delta
-    out_axis = dora_scale.shape[0] == w.shape[0] and (dora_scale.dim() < 2 or dora_scale.shape[1] == 1)
-    if out_axis:
+    if dora_is_output_axis(dora_scale, w.shape):
         norm = w.reshape(w.shape[0], -1).norm(dim=1).reshape(w.shape[0], *[1] * (w.dim() - 1))
         m = dora_scale.reshape(w.shape[0], *[1] * (w.dim() - 1))
     else:
@@ -187,6 +186,26 @@ def dora_weight(w0: torch.Tensor, delta: torch.Tensor, dora_scale: torch.Tensor)
         norm = norm.reshape(1, w.shape[1], *[1] * (w.dim() - 2))
         m = dora_scale.reshape(1, w.shape[1], *[1] * (w.dim() - 2))
     return w * (m / norm)
+
+
+def dora_is_output_axis(dora_scale: torch.Tensor, weight_shape) -> bool:
+    return dora_scale.shape[0] == weight_shape[0] and (dora_scale.dim() < 2 or dora_scale.shape[1] == 1)
+
+
+def dora_scale_for_base_norm(tensors: dict, name: str, base_weight: torch.Tensor) -> torch.Tensor:
+    """The ``dora_scale`` with which a loader that divides by ``||W0||`` instead of ``||W0 + dW||`` (ComfyUI
+    <= 0.3.64 on the output axis, PR Comfy-Org/ComfyUI#15458) applies exactly what the module means:
+    ``m * ||W0|| / ||W0 + dW||`` per output row, so ``(W0 + dW) * s / ||W0|| == (W0 + dW) * m / ||W0 + dW||``.
+
+    For a loader only, in memory: a file written with it would be wrong in every other loader.
+    """
+    w0 = base_weight.float()
+    delta = module_product(tensors, name, tuple(w0.shape)) * module_scale(tensors, name)
+    m = tensors[name + DORA].float()
+    rows = (w0.shape[0],) + (1,) * (w0.dim() - 1)
+    w0_norm = w0.reshape(w0.shape[0], -1).norm(dim=1).reshape(rows)
+    w_norm = (w0 + delta).reshape(w0.shape[0], -1).norm(dim=1).reshape(rows)
+    return (m.reshape(rows) * w0_norm / w_norm).reshape(m.shape)
 
 
 def module_tensors(tensors: dict, name: str) -> dict:
