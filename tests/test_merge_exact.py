@@ -107,3 +107,19 @@ def test_merge_rejects_mixed_families_and_bad_input():
     dora.tensors["m.dora_scale"] = torch.ones(24, 1)
     with pytest.raises(ValueError, match="not a plain LoRA"):
         merge_exact([(a, 1.0), (dora, 1.0)])
+
+
+def test_merge_keeps_full_weight_and_bias_changes_of_core_node_files():
+    # ComfyUI's core Train LoRA node writes diff (weight) and diff_b (bias) modules beside LoRA ones
+    g = torch.Generator().manual_seed(5)
+    core = LoraWeights({"lora_unet_x_norm.diff": torch.randn(24, 16, generator=g),
+                        "lora_unet_x_norm.diff_b": torch.randn(24, generator=g),
+                        "lora_unet_x_bias_only.diff_b": torch.randn(12, generator=g)}, {}, "sd1")
+    ours = _lora({"lora_unet_x_norm": ("linear", 4, 4)}, 6)
+    m = merge_exact([(core, 0.5), (ours, -2.0)])
+    expected = 0.5 * lora_delta(core, "lora_unet_x_norm") - 2.0 * lora_delta(ours, "lora_unet_x_norm")
+    assert _rel(lora_delta(m, "lora_unet_x_norm"), expected) < 1e-5
+    torch.testing.assert_close(m.tensors["lora_unet_x_norm.diff_b"], 0.5 * core.tensors["lora_unet_x_norm.diff_b"])
+    torch.testing.assert_close(m.tensors["lora_unet_x_bias_only.diff_b"],
+                               0.5 * core.tensors["lora_unet_x_bias_only.diff_b"])
+    assert not any(k.startswith("lora_unet_x_bias_only.") and not k.endswith(".diff_b") for k in m.tensors)
