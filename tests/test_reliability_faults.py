@@ -184,7 +184,7 @@ def test_sigkill_while_overwriting_keeps_the_previous_file(tmp_path):
 
 
 def test_cleanup_also_removes_interrupted_training_state_temps(tmp_path):
-    """training/state.py writes states through tempfile.mkstemp(prefix='.tmp_', suffix='.pt')."""
+    """Earlier versions wrote training states through tempfile.mkstemp(prefix=".tmp_", suffix=".pt")."""
     leftover = tmp_path / ".tmp_ab12_x9z.pt"
     leftover.write_bytes(b"partial")
     keep = tmp_path / "mine_state_step4.pt"
@@ -193,6 +193,28 @@ def test_cleanup_also_removes_interrupted_training_state_temps(tmp_path):
     user.write_bytes(b"not ours")
     assert cleanup_stale_temp_files(tmp_path, min_age_s=0) == [str(leftover)]
     assert sorted(os.listdir(tmp_path)) == [".tmp_notes.txt", "mine_state_step4.pt"]
+
+
+def test_a_failed_state_save_leaves_the_previous_state_and_no_temp(tmp_path, monkeypatch):
+    from comfyui_lora_trainer.training import state as state_module
+
+    model = torch.nn.Linear(2, 2)
+    opt = torch.optim.AdamW(model.parameters())
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 1.0)
+    path = str(tmp_path / "run_state_step2.pt")
+    args = dict(models={"unet": model}, optimizer=opt, lr_scheduler=sched, extra={}, config={})
+    state_module.save_state(path, step=2, **args)
+    before = digest(path)
+    real_save = torch.save
+
+    def disk_full(obj, f):
+        real_save(obj, f)
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(state_module.torch, "save", disk_full)
+    with pytest.raises(OSError, match="No space left"):
+        state_module.save_state(path, step=4, **args)
+    assert os.listdir(tmp_path) == ["run_state_step2.pt"] and digest(path) == before
 
 
 def test_train_node_cleans_leftovers_before_training(host):

@@ -73,6 +73,8 @@ def latent_key(image_path: str, vae_fingerprint: str, size: tuple[int, int], cro
 
 
 def _write_atomic(path: str, entry: dict[str, torch.Tensor]) -> None:
+    """Temp file, then rename, without formats.safetensors_io.write_atomically's fsyncs: an entry a crash
+    damaged is rebuilt on read (:func:`_read`), and a fsync per image would slow the first pass."""
     from safetensors.torch import save_file
 
     folder = os.path.dirname(path)

@@ -11,9 +11,10 @@ from __future__ import annotations
 import glob
 import os
 import re
-import tempfile
 
 import torch
+
+from .formats.safetensors_io import write_atomically
 
 STATE_VERSION = 1
 # settings a resumed run must share with the saved one (others, e.g. steps or save options, may change)
@@ -60,16 +61,8 @@ def save_state(path: str, *, step: int, models: dict, optimizer, lr_scheduler, e
         "extra": extra,
         "config": config,
     }
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp_", suffix=".pt")
-    os.close(fd)
-    try:
-        torch.save(state, tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    # fsynced before the rename: after a crash or power cut the state to resume from is whole or absent
+    write_atomically(path, lambda tmp: torch.save(state, tmp), overwrite=True)
     return path
 
 
