@@ -176,33 +176,49 @@ def load_lora_weights_into(base, path: str, include_unet: bool, include_te: bool
 
 
 # ---------------------------------------------------------------------------------------------
-# QLoRA: a 4-bit base through bitsandbytes (CUDA only)
+# QLoRA: a 4-bit base through bitsandbytes (CUDA, or the CPU with bitsandbytes' CPU backend)
 # ---------------------------------------------------------------------------------------------
 
-def check_quantize_available(device) -> None:
-    if torch.device(device).type != "cuda":
-        raise AdapterError("quantize_base = '4bit' (QLoRA) needs a CUDA GPU and bitsandbytes; "
-                           "on this device use quantize_base = 'none'")
+def _nf4_linear(linear: torch.nn.Linear, compute_dtype):
+    import bitsandbytes as bnb
+
+    q = bnb.nn.Linear4bit(linear.in_features, linear.out_features, bias=linear.bias is not None,
+                          compute_dtype=compute_dtype, quant_type="nf4")
+    q.weight = bnb.nn.Params4bit(linear.weight.data.cpu(), requires_grad=False, quant_type="nf4")
+    if linear.bias is not None:
+        q.bias = torch.nn.Parameter(linear.bias.data.clone(), requires_grad=False)
+    return q
+
+
+def check_quantize_available(device, compute_dtype=torch.float32) -> None:
+    """Refuse QLoRA, before a model is loaded, where bitsandbytes cannot run NF4 layers on ``device``.
+
+    Asked of bitsandbytes itself (a 64x64 layer, forward and backward) rather than of the device type:
+    CUDA has its kernels, and bitsandbytes >= 0.48 ships a CPU backend too.
+    """
     try:
-        import bitsandbytes  # noqa: F401
+        import bitsandbytes as bnb
     except ImportError:
-        raise AdapterError("quantize_base = '4bit' needs the bitsandbytes package: pip install bitsandbytes") from None
+        raise AdapterError("quantize_base = '4bit' needs the bitsandbytes package (CUDA GPUs, or the CPU with "
+                           "bitsandbytes >= 0.48): pip install bitsandbytes") from None
+    try:
+        layer = _nf4_linear(torch.nn.Linear(64, 64), compute_dtype).to(device)
+        x = torch.randn(2, 64, device=device, dtype=compute_dtype, requires_grad=True)
+        layer(x).float().sum().backward()
+    except Exception as e:  # no kernels for this device in this bitsandbytes build
+        raise AdapterError(
+            f"quantize_base = '4bit' (QLoRA): bitsandbytes {getattr(bnb, '__version__', '?')} cannot run 4-bit "
+            f"layers on {device} ({type(e).__name__}: {e}); use a CUDA GPU (or bitsandbytes >= 0.48 on the CPU), "
+            "or quantize_base = 'none'") from None
 
 
 def quantize_linear_4bit(model, device, compute_dtype=torch.bfloat16) -> int:
     """Replace the model's nn.Linear layers by bitsandbytes NF4 layers on ``device`` (before attaching)."""
-    import bitsandbytes as bnb
-
     count = 0
     for name, module in list(model.named_modules()):
         for child_name, child in list(module.named_children()):
             if type(child) is torch.nn.Linear:
-                q = bnb.nn.Linear4bit(child.in_features, child.out_features, bias=child.bias is not None,
-                                      compute_dtype=compute_dtype, quant_type="nf4")
-                q.weight = bnb.nn.Params4bit(child.weight.data.cpu(), requires_grad=False, quant_type="nf4")
-                if child.bias is not None:
-                    q.bias = torch.nn.Parameter(child.bias.data.clone(), requires_grad=False)
-                setattr(module, child_name, q.to(device))
+                setattr(module, child_name, _nf4_linear(child, compute_dtype).to(device))
                 count += 1
     return count
 

@@ -160,7 +160,7 @@ class _Run:
             raise TrainingError("precision = 'fp16' needs a GPU (fp16 loss scaling is CUDA-only); "
                                 "use 'bf16' or 'fp32' on the CPU")
         if config.quantize_base == "4bit":
-            check_quantize_available(device)
+            check_quantize_available(device, weight_dtype)
         if config.optimizer in ("adamw8bit", "prodigy", "lion"):  # fail before loading a model
             make_optimizer(config.optimizer, [{"params": [torch.nn.Parameter(torch.zeros(1))]}], 1e-4, 0.0,
                            config.optimizer_args, device)
@@ -270,7 +270,7 @@ class _Run:
         config, base, device, weight_dtype = self.config, self.base, self.device, self.weight_dtype
         unet = base.unet
         if config.quantize_base == "4bit":
-            n = quantize_linear_4bit(unet, device)
+            n = quantize_linear_4bit(unet, device, compute_dtype=self.weight_dtype)
             self.log(f"QLoRA: {n} UNet linear layers stored in 4 bit (NF4)")
         # One .to(device, dtype) converts tensor by tensor: the device never holds the fp32 UNet (10 GB for
         # SDXL) on the way to bf16/fp16, which .to(device) followed by .to(dtype) did.

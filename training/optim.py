@@ -23,6 +23,20 @@ def _need(module: str, package: str, option: str):
         ) from None
 
 
+def _check_8bit_states(bnb, device) -> None:
+    """One 8-bit AdamW step on a 64x64 tensor on ``device``: CUDA has the kernels, and bitsandbytes >= 0.48 a CPU
+    backend; a build without kernels for the device fails here, before a model is loaded."""
+    try:
+        p = torch.nn.Parameter(torch.randn(64, 64, device=device))
+        p.grad = torch.ones_like(p)
+        bnb.optim.AdamW8bit([p], lr=1e-3, min_8bit_size=1).step()
+    except Exception as e:
+        raise OptionalDependencyError(
+            f"optimizer = 'adamw8bit': bitsandbytes {getattr(bnb, '__version__', '?')} cannot keep 8-bit states on "
+            f"{device} ({type(e).__name__}: {e}); use a CUDA GPU (or bitsandbytes >= 0.48 on the CPU), or "
+            "optimizer = 'adamw'") from None
+
+
 def _fused_adamw_supported(device) -> bool:
     """torch's fused AdamW runs on the CPU and CUDA (torch >= 2.4); elsewhere (MPS, XPU) keep the default."""
     kind = torch.device(device).type if device is not None else "cpu"
@@ -42,10 +56,9 @@ def make_optimizer(name: str, param_groups: list[dict], lr: float, weight_decay:
             args["fused"] = True
         return torch.optim.AdamW(param_groups, lr=lr, weight_decay=weight_decay, **args)
     if name == "adamw8bit":
-        if device is not None and torch.device(device).type != "cuda":
-            raise OptionalDependencyError(
-                "optimizer = 'adamw8bit' needs a CUDA GPU (bitsandbytes 8-bit states); use 'adamw' on the CPU")
         bnb = _need("bitsandbytes", "bitsandbytes", "optimizer = 'adamw8bit'")
+        if device is not None:
+            _check_8bit_states(bnb, device)
         return bnb.optim.AdamW8bit(param_groups, lr=lr, weight_decay=weight_decay, **args)
     if name == "prodigy":
         prodigyopt = _need("prodigyopt", "prodigyopt", "optimizer = 'prodigy'")
