@@ -65,7 +65,7 @@ def test_cancel_then_resume_equals_uninterrupted(comfy, comfy_base_dir, tiny_sd1
     assert (loras / f"it_cancel_interrupted_step{stopped}.safetensors").is_file()
     # the state lies beside the outputs, not in models/loras, so LoraLoader never lists it
     assert (comfy_base_dir / "output" / "loratrainer_state" / f"it_cancel_state_step{stopped}.pt").is_file()
-    assert not list(loras.rglob("*.pt"))
+    assert not list(loras.rglob("it_cancel*.pt"))  # (other tests leave a pickle here on purpose)
     listed = comfy.node_info("LoraLoader")["input"]["required"]["lora_name"][0]
     assert f"it_cancel_interrupted_step{stopped}.safetensors" in listed
     assert not [name for name in listed if "_state_step" in name or name.endswith(".pt")], listed
