@@ -247,3 +247,6 @@ def test_dora_scale_for_base_norm_makes_comfyuis_formula_exact(shape):
     assert fixed.shape == t["m.dora_scale"].shape
     torch.testing.assert_close(comfy_0_3_64(fixed), want, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(dora_weight(w0, plain, t["m.dora_scale"]), want)
+    # a 1-D [out] scale (peft's magnitude layout) comes back as [out, 1, ...], which ComfyUI broadcasts right
+    flat = dict(t, **{"m.dora_scale": t["m.dora_scale"].reshape(out)})
+    assert dora_scale_for_base_norm(flat, "m", w0).shape == t["m.dora_scale"].shape

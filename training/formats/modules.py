@@ -195,7 +195,8 @@ def dora_is_output_axis(dora_scale: torch.Tensor, weight_shape) -> bool:
 def dora_scale_for_base_norm(tensors: dict, name: str, base_weight: torch.Tensor) -> torch.Tensor:
     """The ``dora_scale`` with which a loader that divides by ``||W0||`` instead of ``||W0 + dW||`` (ComfyUI
     <= 0.3.64 on the output axis, PR Comfy-Org/ComfyUI#15458) applies exactly what the module means:
-    ``m * ||W0|| / ||W0 + dW||`` per output row, so ``(W0 + dW) * s / ||W0|| == (W0 + dW) * m / ||W0 + dW||``.
+    ``m * ||W0|| / ||W0 + dW||`` per output row (shaped ``[out, 1, ...]``), so
+    ``(W0 + dW) * s / ||W0|| == (W0 + dW) * m / ||W0 + dW||``.
 
     For a loader only, in memory: a file written with it would be wrong in every other loader.
     """
@@ -205,7 +206,8 @@ def dora_scale_for_base_norm(tensors: dict, name: str, base_weight: torch.Tensor
     rows = (w0.shape[0],) + (1,) * (w0.dim() - 1)
     w0_norm = w0.reshape(w0.shape[0], -1).norm(dim=1).reshape(rows)
     w_norm = (w0 + delta).reshape(w0.shape[0], -1).norm(dim=1).reshape(rows)
-    return (m.reshape(rows) * w0_norm / w_norm).reshape(m.shape)
+    # shaped [out, 1, ...] whatever the file had: ComfyUI broadcasts a 1-D [out] scale to [out, out] (issue #12938)
+    return m.reshape(rows) * w0_norm / w_norm
 
 
 def module_tensors(tensors: dict, name: str) -> dict:
