@@ -130,8 +130,8 @@ TABLE = [
     opt("network_weights", "continue training from this LoRA file (its rank and alpha are used); none: fresh",
         options=_lora_files, default=NONE, to_config=_network_weights),
     # optimisation
-    opt("optimizer", "adamw8bit needs bitsandbytes (CUDA, or >= 0.48 on the CPU), prodigy prodigyopt (use lr about 1), lion lion-pytorch",
-        options=cfg.OPTIMIZERS),
+    opt("optimizer", "adamw8bit needs bitsandbytes (CUDA, or >= 0.48 on the CPU), prodigy prodigyopt (use lr "
+                     "about 1), lion lion-pytorch", options=cfg.OPTIMIZERS),
     opt("optimizer_args", 'extra optimizer arguments as JSON, e.g. {"betas": [0.9, 0.99]}', default="",
         kind="STRING", to_config=_optimizer_args),
     opt("weight_decay", "weight decay", min=0.0, max=1.0, step=0.001),
@@ -149,7 +149,8 @@ TABLE = [
     opt("max_timestep", "timesteps are drawn from [min_timestep, max_timestep)", min=1, max=1000),
     opt("zero_terminal_snr", "rescale the betas so the last timestep has SNR 0 (v-prediction models)"),
     opt("attention", "attention implementation", options=cfg.ATTENTION_BACKENDS),
-    opt("quantize_base", "4bit: QLoRA, the UNet's linear layers in NF4 through bitsandbytes (CUDA, or >= 0.48 on the CPU)", options=cfg.QUANTIZE),
+    opt("quantize_base", "4bit: QLoRA, the UNet's linear layers in NF4 through bitsandbytes (CUDA, or >= 0.48 on "
+                         "the CPU)", options=cfg.QUANTIZE),
     # data
     opt("enable_bucket", "aspect-ratio buckets: each image trains near its own aspect ratio"),
     opt("min_bucket_reso", "smallest bucket side", min=64, max=4096, step=64),
