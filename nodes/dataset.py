@@ -8,6 +8,11 @@ from .spec import DATASET, In, NodeError, NodeResult, NodeSpec, Out, node_id
 
 
 def dataset_folders(host) -> list[str]:
+    """Load Dataset's list: :func:`image_folders`, or a line saying where to put one."""
+    return image_folders(host) or ["(put a folder of images into ComfyUI's input folder)"]
+
+
+def image_folders(host) -> list[str]:
     """Sub-folders of the input directory that hold at least one image (recursively, 2 levels)."""
     from ..training.dataset import IMAGE_EXTENSIONS
 
@@ -21,7 +26,7 @@ def dataset_folders(host) -> list[str]:
             # an N_name folder's parent is the dataset (kohya layout)
             parent = os.path.dirname(rel)
             found.append(parent if parent and os.path.basename(rel)[:1].isdigit() else rel)
-    return sorted(set(found)) or ["(put a folder of images into ComfyUI's input folder)"]
+    return sorted(set(found))
 
 
 def resolve_folder(host, folder: str) -> str:

@@ -71,9 +71,9 @@ def _network_weights(value, host):
 
 
 def _reg_folders(host) -> list[str]:
-    from .dataset import dataset_folders
+    from .dataset import image_folders
 
-    return [NONE] + [f for f in dataset_folders(host) if not f.startswith("(")]
+    return [NONE] + image_folders(host)
 
 
 def _reg_dataset(value, host):
