@@ -23,9 +23,14 @@ def _need(module: str, package: str, option: str):
         ) from None
 
 
+_8BIT_STATES_OK: set[str] = set()  # devices whose 8-bit step worked (the loop builds its optimizer twice)
+
+
 def _check_8bit_states(bnb, device) -> None:
     """One 8-bit AdamW step on a 64x64 tensor on ``device``: CUDA has the kernels, and bitsandbytes >= 0.48 a CPU
     backend; a build without kernels for the device fails here, before a model is loaded."""
+    if str(device) in _8BIT_STATES_OK:
+        return
     try:
         p = torch.nn.Parameter(torch.randn(64, 64, device=device))
         p.grad = torch.ones_like(p)
@@ -35,6 +40,7 @@ def _check_8bit_states(bnb, device) -> None:
             f"optimizer = 'adamw8bit': bitsandbytes {getattr(bnb, '__version__', '?')} cannot keep 8-bit states on "
             f"{device} ({type(e).__name__}: {e}); use a CUDA GPU (or bitsandbytes >= 0.48 on the CPU), or "
             "optimizer = 'adamw'") from None
+    _8BIT_STATES_OK.add(str(device))
 
 
 def _fused_adamw_supported(device) -> bool:
