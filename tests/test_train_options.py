@@ -15,7 +15,7 @@ from comfyui_lora_trainer.training.dataset import process_caption
 from comfyui_lora_trainer.training.loop import TrainingError
 from comfyui_lora_trainer.training.models import build_tiny_components
 
-from tiny_runs import cfg, run
+from tiny_runs import cfg, run, tensors_differ
 
 
 def keys(result):
@@ -23,7 +23,7 @@ def keys(result):
 
 
 def differs(a, b):
-    return a.losses != b.losses or any(not torch.equal(a.lora.tensors[k], b.lora.tensors[k]) for k in a.lora.tensors)
+    return a.losses != b.losses or tensors_differ(a, b)
 
 
 @pytest.fixture(scope="module")

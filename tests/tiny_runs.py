@@ -2,6 +2,8 @@
 
 import os
 
+import torch
+
 from comfyui_lora_trainer.training.config import TrainConfig
 from comfyui_lora_trainer.training.loop import train
 from comfyui_lora_trainer.training.models import build_tiny_components
@@ -21,3 +23,8 @@ def run(family="sd1", events=None, base=None, should_stop=None, **over):
     """(TrainResult, base model) of ``cfg(**over)`` on ``base`` or a fresh tiny ``family`` model (seed 0)."""
     base = base or build_tiny_components(family, seed=0)
     return train(cfg(**over), base=base, events=events, should_stop=should_stop), base
+
+
+def tensors_differ(a, b) -> bool:
+    """Whether two runs' LoRA tensors differ anywhere."""
+    return any(not torch.equal(a.lora.tensors[k], b.lora.tensors[k]) for k in a.lora.tensors)
