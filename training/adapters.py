@@ -19,6 +19,8 @@ import re
 
 import torch
 
+from .seeds import mix
+
 _UNET_ATTENTION = r"attn[12]\.(to_q|to_k|to_v|to_out\.0)"
 _UNET_FF = r"ff\.net\.(0\.proj|2)"
 _UNET_PROJ = r"attentions\.\d+\.(proj_in|proj_out)"
@@ -272,9 +274,6 @@ def optimizer_param_groups(base, config, unet_params: list, te_params: list) -> 
 # kohya's network_dropout / rank_dropout / module_dropout on peft LoRA layers
 # ---------------------------------------------------------------------------------------------
 
-_MASK63 = (1 << 63) - 1
-
-
 class LoraDropout:
     """kohya's three LoRA dropouts (networks/lora.py ``LoRAModule.forward``) as forward hooks on every peft
     LoRA layer's down projection (``lora_A``), whose output ``lx`` (rank channels) they multiply by a mask:
@@ -339,7 +338,7 @@ class LoraDropout:
         """The multiplier for one sample's ``lx`` of ``shape`` (without the batch dimension). The module and
         rank draws come from a CPU generator (the same on every device); the element mask from one on
         ``device``."""
-        layer_seed = (seed * 1_000_003 + key * 7_919 + 1) & _MASK63
+        layer_seed = mix(seed, key)
         g = torch.Generator().manual_seed(layer_seed)
         if self.p_module > 0 and float(torch.rand(1, generator=g)) < self.p_module:
             return torch.zeros((1,) * len(shape), device=device, dtype=dtype)

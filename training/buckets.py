@@ -16,7 +16,7 @@ import math
 
 import torch
 
-_MASK63 = (1 << 63) - 1
+from .seeds import epoch_generator
 
 
 def make_bucket_resolutions(resolution: int, min_size: int, max_size: int, step: int) -> list[tuple[int, int]]:
@@ -51,8 +51,7 @@ def assign_bucket(width: int, height: int, buckets: list[tuple[int, int]] | None
 
 
 def epoch_order(seed: int, epoch: int, size: int) -> list[int]:
-    generator = torch.Generator().manual_seed((seed * 104_729 + epoch + 17) & _MASK63)
-    return torch.randperm(size, generator=generator).tolist()
+    return torch.randperm(size, generator=epoch_generator(seed, epoch)).tolist()
 
 
 class BatchPlan:
