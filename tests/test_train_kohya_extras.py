@@ -14,7 +14,7 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from comfyui_lora_trainer.training import optim
+from comfyui_lora_trainer.training import loss
 from comfyui_lora_trainer.training.adapters import LoraDropout, apply_max_norm, attach_adapters, \
     load_lora_weights_into, optimizer_param_groups
 from comfyui_lora_trainer.training.config import ConfigError, TrainConfig
@@ -130,34 +130,34 @@ def test_debiased_weights_are_kohyas(scheduler):
     t = torch.tensor([0, 1, 10, 250, 500, 999])
     a = scheduler.alphas_cumprod.double()[t]
     snr = torch.clamp(a / (1 - a), max=1000)
-    eps = optim.debiased_weights(scheduler, t, "epsilon")
-    v = optim.debiased_weights(scheduler, t, "v_prediction")
+    eps = loss.debiased_weights(scheduler, t, "epsilon")
+    v = loss.debiased_weights(scheduler, t, "v_prediction")
     torch.testing.assert_close(eps.double(), 1 / snr.sqrt(), rtol=1e-5, atol=0)
     torch.testing.assert_close(v.double(), 1 / (snr + 1), rtol=1e-5, atol=0)
     assert eps[0].item() == pytest.approx(1 / math.sqrt(1000), rel=1e-6)  # t=0: snr > 1000 is clipped
     assert eps[-1].item() > 10  # high noise is weighted up
     # zero terminal SNR: the last step stays finite
-    ztsnr = optim.training_scheduler(scheduler, True)
-    assert torch.isfinite(optim.debiased_weights(ztsnr, torch.tensor([999]), "epsilon")).all()
+    ztsnr = loss.training_scheduler(scheduler, True)
+    assert torch.isfinite(loss.debiased_weights(ztsnr, torch.tensor([999]), "epsilon")).all()
 
 
 def test_huber_threshold_schedules(scheduler):
     t = torch.tensor([0, 500, 999])
     c, scale = 0.1, 2.0
-    assert optim.huber_threshold("constant", c, scale, scheduler, t) == pytest.approx(0.2)
-    exp = optim.huber_threshold("exponential", c, scale, scheduler, t)
+    assert loss.huber_threshold("constant", c, scale, scheduler, t) == pytest.approx(0.2)
+    exp = loss.huber_threshold("exponential", c, scale, scheduler, t)
     alpha = -math.log(c) / 1000
     assert exp[0].item() == pytest.approx(scale)  # t=0: huber_scale
     assert exp[1].item() == pytest.approx(scale * math.exp(-alpha * 500))
     assert exp[2].item() == pytest.approx(scale * c ** (999 / 1000))  # t=999: about huber_c * huber_scale
-    snr = optim.huber_threshold("snr", c, scale, scheduler, t)
+    snr = loss.huber_threshold("snr", c, scale, scheduler, t)
     a = scheduler.alphas_cumprod.double()[t]
     sigma = ((1 - a) / a).sqrt()
     torch.testing.assert_close(snr.double(), (1 - c) / (1 + sigma) ** 2 + c, rtol=1e-5, atol=0)
     assert snr[0].item() == pytest.approx(0.9489, abs=1e-3)  # t=0: close to 1 (L2-like)
     assert snr[2].item() == pytest.approx(c, abs=5e-3)  # t=999: close to huber_c
     with pytest.raises(ValueError, match="huber_schedule"):
-        optim.huber_threshold("cosine", c, scale, scheduler, t)
+        loss.huber_threshold("cosine", c, scale, scheduler, t)
 
 
 @pytest.mark.parametrize("loss_type", ["huber", "smooth_l1"])
@@ -165,9 +165,9 @@ def test_per_sample_loss_takes_a_threshold_per_sample(loss_type):
     g = torch.Generator().manual_seed(0)
     p, t = torch.randn((3, 4, 5, 5), generator=g), torch.randn((3, 4, 5, 5), generator=g)
     cs = torch.tensor([0.05, 0.5, 3.0])
-    per = optim.per_sample_loss(p, t, loss_type, cs)
+    per = loss.per_sample_loss(p, t, loss_type, cs)
     for i in range(3):  # each sample with its own c equals the scalar path
-        one = optim.per_sample_loss(p[i:i + 1], t[i:i + 1], loss_type, float(cs[i]))
+        one = loss.per_sample_loss(p[i:i + 1], t[i:i + 1], loss_type, float(cs[i]))
         assert per[i].item() == pytest.approx(one.item(), rel=1e-5)
 
 
@@ -195,11 +195,11 @@ def test_debiased_estimation_scales_the_loss_by_its_weight(scheduler):
     fixed = dict(steps=1, batch_size=1, min_timestep=500, max_timestep=501)
     plain, _ = run(**fixed)
     debiased, _ = run(debiased_estimation_loss=True, **fixed)
-    w = optim.debiased_weights(scheduler, torch.tensor([500]), "epsilon").item()
+    w = loss.debiased_weights(scheduler, torch.tensor([500]), "epsilon").item()
     assert debiased.losses[0] == pytest.approx(plain.losses[0] * w, rel=1e-5)
     assert debiased.lora.metadata["ss_debiased_estimation"] == "True"
     both, _ = run(debiased_estimation_loss=True, min_snr_gamma=5.0, **fixed)
-    w_snr = optim.min_snr_weights(scheduler, torch.tensor([500]), 5.0, "epsilon").item()
+    w_snr = loss.min_snr_weights(scheduler, torch.tensor([500]), 5.0, "epsilon").item()
     assert both.losses[0] == pytest.approx(plain.losses[0] * w * w_snr, rel=1e-5)
 
 
@@ -208,7 +208,7 @@ def test_debiased_estimation_scales_the_loss_by_its_weight(scheduler):
 def test_huber_schedule_uses_the_timesteps_threshold(scheduler, loss_type, schedule):
     """At a fixed timestep a scheduled run equals a constant run with huber_c = the schedule's c(t)."""
     fixed = dict(steps=1, batch_size=1, min_timestep=700, max_timestep=701, loss_type=loss_type)
-    c_t = float(optim.huber_threshold(schedule, 0.1, 1.0, scheduler, torch.tensor([700]))[0])
+    c_t = float(loss.huber_threshold(schedule, 0.1, 1.0, scheduler, torch.tensor([700]))[0])
     scheduled, _ = run(huber_schedule=schedule, huber_c=0.1, **fixed)
     constant, _ = run(huber_c=c_t, **fixed)
     naive, _ = run(huber_c=0.1, **fixed)

@@ -8,7 +8,7 @@ import pytest
 import torch
 from PIL import Image
 
-from comfyui_lora_trainer.training import optim
+from comfyui_lora_trainer.training import loss
 from comfyui_lora_trainer.training.buckets import BatchPlan, assign_bucket, make_bucket_resolutions
 from comfyui_lora_trainer.training.config import ConfigError
 from comfyui_lora_trainer.training.dataset import process_caption
@@ -194,11 +194,11 @@ def test_lr_scheduler_and_warmup():
 
 def test_loss_functions():
     p, t = torch.tensor([[0.0, 2.0]]), torch.tensor([[1.0, 0.0]])
-    assert optim.per_sample_loss(p, t, "mse", 0.1).item() == pytest.approx(2.5)
-    assert optim.per_sample_loss(p, t, "l1", 0.1).item() == pytest.approx(1.5)
+    assert loss.per_sample_loss(p, t, "mse", 0.1).item() == pytest.approx(2.5)
+    assert loss.per_sample_loss(p, t, "l1", 0.1).item() == pytest.approx(1.5)
     c = 0.1
     huber = (2 * c * (math.sqrt(1 + c * c) - c) + 2 * c * (math.sqrt(4 + c * c) - c)) / 2
-    assert optim.per_sample_loss(p, t, "huber", c).item() == pytest.approx(huber)
+    assert loss.per_sample_loss(p, t, "huber", c).item() == pytest.approx(huber)
 
 
 def test_loss_type_changes_training(plain):
@@ -211,10 +211,10 @@ def test_min_snr_gamma_weights_and_effect(plain):
     base = build_tiny_components("sd1", seed=0)
     sched = base.noise_scheduler
     t = torch.tensor([1, 500, 999])
-    snr = optim.snr(sched, t)
-    w = optim.min_snr_weights(sched, t, 5.0, "epsilon")
+    snr = loss.snr(sched, t)
+    w = loss.min_snr_weights(sched, t, 5.0, "epsilon")
     torch.testing.assert_close(w, torch.clamp(snr, max=5.0) / snr)
-    wv = optim.min_snr_weights(sched, t, 5.0, "v_prediction")
+    wv = loss.min_snr_weights(sched, t, 5.0, "v_prediction")
     torch.testing.assert_close(wv, torch.clamp(snr, max=5.0) / (snr + 1))
     result, _ = run(min_snr_gamma=0.01)
     assert result.losses[0] != plain.losses[0]
@@ -232,7 +232,7 @@ def test_noise_offset_and_timestep_range(plain):
 
 def test_zero_terminal_snr():
     base = build_tiny_components("sd1", seed=0)
-    rescaled = optim.training_scheduler(base.noise_scheduler, True)
+    rescaled = loss.training_scheduler(base.noise_scheduler, True)
     assert rescaled.alphas_cumprod[-1].item() == pytest.approx(0.0, abs=1e-12)
     assert base.noise_scheduler.alphas_cumprod[-1].item() > 1e-4
     a, _ = run(zero_terminal_snr=True, min_timestep=990)

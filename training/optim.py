@@ -1,11 +1,8 @@
-"""Optimizers, learning-rate schedules, noise, timesteps and losses (kohya's options, library code)."""
+"""Optimizers and learning-rate schedules (kohya's options, library code); the objective is in loss.py."""
 
 from __future__ import annotations
 
-import math
-
 import torch
-import torch.nn.functional as F
 
 
 class OptionalDependencyError(ImportError):
@@ -92,113 +89,3 @@ def make_lr_scheduler(name: str, optimizer, warmup_steps: int, total_steps: int,
 
     return get_scheduler(name, optimizer, num_warmup_steps=warmup_steps, num_training_steps=total_steps,
                          num_cycles=num_cycles, power=power)
-
-
-# ---------------------------------------------------------------------------------------------
-# noise schedule helpers
-# ---------------------------------------------------------------------------------------------
-
-def training_scheduler(noise_scheduler, zero_terminal_snr: bool):
-    """The family's DDPM scheduler, with betas rescaled to zero terminal SNR if asked."""
-    if not zero_terminal_snr:
-        return noise_scheduler
-    from diffusers import DDPMScheduler
-
-    return DDPMScheduler.from_config(noise_scheduler.config, rescale_betas_zero_snr=True)
-
-
-def snr(scheduler, timesteps: torch.Tensor) -> torch.Tensor:
-    """alpha_bar / (1 - alpha_bar) per timestep (float32)."""
-    alphas_cumprod = scheduler.alphas_cumprod.to(torch.float32)
-    a = alphas_cumprod[timesteps.cpu()].to(timesteps.device)
-    return a / (1 - a).clamp_min(1e-12)
-
-
-def min_snr_weights(scheduler, timesteps, gamma: float, prediction_type: str) -> torch.Tensor:
-    """kohya's min-SNR-gamma weight: min(snr, γ)/snr (epsilon) or min(snr, γ)/(snr + 1) (v)."""
-    s = snr(scheduler, timesteps)
-    clipped = torch.minimum(s, torch.full_like(s, gamma))
-    if prediction_type == "v_prediction":
-        return clipped / (s + 1)
-    return clipped / s.clamp_min(1e-8)  # zero-terminal-SNR: the last step has snr 0
-
-
-def debiased_weights(scheduler, timesteps, prediction_type: str) -> torch.Tensor:
-    """kohya's ``debiased_estimation_loss`` weight (``apply_debiased_estimation``): with snr clipped at 1000,
-    ``1/sqrt(snr)`` (epsilon) or ``1/(snr + 1)`` (v). A zero-terminal-SNR last step (snr 0) is held at
-    snr 1e-8 for epsilon models (weight 1e4) where kohya's weight would be infinite."""
-    s = torch.minimum(snr(scheduler, timesteps), torch.tensor(1000.0, device=timesteps.device))
-    if prediction_type == "v_prediction":
-        return 1 / (s + 1)
-    return 1 / torch.sqrt(s.clamp_min(1e-8))
-
-
-from .config import HUBER_SCHEDULES  # noqa: E402
-
-
-def huber_threshold(schedule: str, huber_c: float, huber_scale: float, scheduler, timesteps: torch.Tensor):
-    """The Huber / smooth-L1 parameter per sample, kohya's ``get_huber_threshold_if_needed``.
-
-    ``constant``: ``huber_c * huber_scale`` (a float); ``exponential``: ``exp(-a t) * huber_scale`` with
-    ``a = -ln(huber_c) / T`` (``huber_scale`` at t = 0 down to ``huber_c * huber_scale`` at t = T);
-    ``snr``: ``(1 - huber_c) / (1 + sigma_t)^2 + huber_c`` with ``sigma_t = sqrt((1 - abar_t) / abar_t)``
-    (about 1 at t = 0, ``huber_c`` at high noise; kohya applies no ``huber_scale`` here). Tensors are [B].
-    """
-    if schedule == "constant":
-        return huber_c * huber_scale
-    if schedule == "exponential":
-        alpha = -math.log(huber_c) / scheduler.config.num_train_timesteps
-        return torch.exp(-alpha * timesteps.float()) * huber_scale
-    if schedule == "snr":
-        abar = scheduler.alphas_cumprod.to(torch.float32)[timesteps.cpu()]
-        sigmas = ((1.0 - abar) / abar) ** 0.5
-        return ((1 - huber_c) / (1 + sigmas) ** 2 + huber_c).to(timesteps.device)
-    raise ValueError(f"huber_schedule = {schedule!r} is not known; use one of {', '.join(HUBER_SCHEDULES)}")
-
-
-def per_sample_loss(prediction: torch.Tensor, target: torch.Tensor, loss_type: str, huber_c) -> torch.Tensor:
-    """Loss per sample (mean over C, H, W): [B]. ``huber_c`` is a float or a [B] tensor (a schedule)."""
-    p, t = prediction.float(), target.float()
-    if isinstance(huber_c, torch.Tensor):
-        huber_c = huber_c.to(p.device, torch.float32).view(-1, *([1] * (p.dim() - 1)))
-    if loss_type == "mse":
-        element = F.mse_loss(p, t, reduction="none")
-    elif loss_type == "l1":
-        element = F.l1_loss(p, t, reduction="none")
-    elif loss_type == "huber":  # kohya: 2c(sqrt((p-t)^2 + c^2) - c)
-        element = 2 * huber_c * (torch.sqrt((p - t) ** 2 + huber_c**2) - huber_c)
-    elif loss_type == "smooth_l1" and isinstance(huber_c, torch.Tensor):  # 2 * smooth_l1 with a per-sample beta
-        d = (p - t).abs()
-        element = 2 * torch.where(d < huber_c, 0.5 * d**2 / huber_c, d - 0.5 * huber_c)
-    elif loss_type == "smooth_l1":
-        element = 2 * F.smooth_l1_loss(p, t, reduction="none", beta=huber_c)
-    else:
-        raise ValueError(f"loss_type = {loss_type!r} is not known")
-    return element.flatten(1).mean(1)
-
-
-def kohya_extras_metadata(config) -> tuple[dict, dict]:
-    """(``ss_network_args`` entries, other ``ss_*`` fields) for the loss / noise / network extras, named and
-    stringified as kohya's train_network.py writes them; only options that are on."""
-    network_args = {key: str(getattr(config, key)) for key in (
-        "rank_dropout", "module_dropout", "loraplus_lr_ratio", "loraplus_unet_lr_ratio",
-        "loraplus_text_encoder_lr_ratio") if getattr(config, key)}
-    fields = {}
-    if config.network_dropout:
-        fields["ss_network_dropout"] = config.network_dropout
-    if config.multires_noise_iterations:
-        fields["ss_multires_noise_iterations"] = config.multires_noise_iterations
-        fields["ss_multires_noise_discount"] = config.multires_noise_discount
-    if config.noise_offset and config.noise_offset_random_strength:
-        fields["ss_noise_offset_random_strength"] = True
-    if config.ip_noise_gamma:
-        fields["ss_ip_noise_gamma"] = config.ip_noise_gamma
-        fields["ss_ip_noise_gamma_random_strength"] = bool(config.ip_noise_gamma_random_strength)
-    if config.debiased_estimation_loss:
-        fields["ss_debiased_estimation"] = True
-    if config.scale_weight_norms:
-        fields["ss_scale_weight_norms"] = config.scale_weight_norms
-    if config.loss_type in ("huber", "smooth_l1"):
-        fields.update(ss_huber_schedule=config.huber_schedule, ss_huber_c=config.huber_c,
-                      ss_huber_scale=config.huber_scale)
-    return network_args, fields

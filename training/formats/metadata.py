@@ -232,3 +232,30 @@ def make_metadata(info: RunInfo) -> dict[str, str]:
     for k, v in (info.extra or {}).items():
         put(str(k), v)
     return {k: _s(v) for k, v in md.items()}
+
+
+def kohya_extras_metadata(config) -> tuple[dict, dict]:
+    """(``ss_network_args`` entries, other ``ss_*`` fields) for the loss / noise / network extras, named and
+    stringified as kohya's train_network.py writes them; only options that are on."""
+    network_args = {key: str(getattr(config, key)) for key in (
+        "rank_dropout", "module_dropout", "loraplus_lr_ratio", "loraplus_unet_lr_ratio",
+        "loraplus_text_encoder_lr_ratio") if getattr(config, key)}
+    fields = {}
+    if config.network_dropout:
+        fields["ss_network_dropout"] = config.network_dropout
+    if config.multires_noise_iterations:
+        fields["ss_multires_noise_iterations"] = config.multires_noise_iterations
+        fields["ss_multires_noise_discount"] = config.multires_noise_discount
+    if config.noise_offset and config.noise_offset_random_strength:
+        fields["ss_noise_offset_random_strength"] = True
+    if config.ip_noise_gamma:
+        fields["ss_ip_noise_gamma"] = config.ip_noise_gamma
+        fields["ss_ip_noise_gamma_random_strength"] = bool(config.ip_noise_gamma_random_strength)
+    if config.debiased_estimation_loss:
+        fields["ss_debiased_estimation"] = True
+    if config.scale_weight_norms:
+        fields["ss_scale_weight_norms"] = config.scale_weight_norms
+    if config.loss_type in ("huber", "smooth_l1"):
+        fields.update(ss_huber_schedule=config.huber_schedule, ss_huber_c=config.huber_c,
+                      ss_huber_scale=config.huber_scale)
+    return network_args, fields
