@@ -1,4 +1,4 @@
-"""``python -m comfyui_lora_trainer bench``: run the benchmarks, print a table, write JSON results."""
+"""``python -m comfyui_lora_trainer.bench``: run the benchmarks, print a table, write JSON results."""
 
 from __future__ import annotations
 

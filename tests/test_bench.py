@@ -3,6 +3,7 @@
 import json
 import math
 
+import pytest
 import torch
 
 from comfyui_lora_trainer.bench.cpu import bench_cpu, seconds_per_step
@@ -90,3 +91,13 @@ def test_core_step_stamps_times_each_core_step_and_restores_the_sampler():
             sampler.loss_callback(loss)
     assert seen == [0.5, 0.4, 0.3] and len(stamps) == 3 and stamps == sorted(stamps)
     assert sampler.batch_size == 3 and TrainSampler.__init__ is original
+
+
+def test_bench_has_its_own_entry_and_the_cli_does_not_offer_it():
+    from comfyui_lora_trainer.bench.__main__ import build_parser
+    from comfyui_lora_trainer.training.cli import build_parser as cli_parser
+
+    args = build_parser().parse_args(["--only", "cpu", "--steps", "3"])
+    assert args.only == ["cpu"] and args.steps == 3 and args.repeats == 2 and args.results_dir is None
+    with pytest.raises(SystemExit):
+        cli_parser().parse_args(["bench"])

@@ -5,7 +5,8 @@ import sys
 import pytest
 from safetensors import safe_open
 
-from comfyui_lora_trainer.training.cli import main, parse_weighted
+from comfyui_lora_trainer.training.cli import main
+from comfyui_lora_trainer.training.lora_cli import parse_weighted
 from comfyui_lora_trainer.training.models import tiny_tokenizer_dir, write_tiny_checkpoint
 
 SAMPLE = os.path.join(os.path.dirname(__file__), "..", "training", "sample_dataset")

@@ -22,7 +22,7 @@ from comfyui_lora_trainer.training.models import (
     write_checkpoint,
     write_tiny_checkpoint,
 )
-from comfyui_lora_trainer.training.models import ldm_names
+from comfyui_lora_trainer.training.formats import ldm_names
 from comfyui_lora_trainer.training.models.loader import (
     infer_te_config,
     infer_unet_config,

@@ -16,8 +16,9 @@ from safetensors import safe_open
 
 from comfyui_lora_trainer.training import loss
 from comfyui_lora_trainer.training.adapters import LoraDropout, apply_max_norm, attach_adapters, \
-    load_lora_weights_into, optimizer_param_groups
+    optimizer_param_groups
 from comfyui_lora_trainer.training.config import ConfigError, TrainConfig
+from comfyui_lora_trainer.training.continuation import load_lora_weights_into
 from comfyui_lora_trainer.training.loop import train
 from comfyui_lora_trainer.training.models import build_tiny_components
 from comfyui_lora_trainer.training.noise import pyramid_noise, sample_noise

@@ -164,19 +164,6 @@ def attach_adapters(base, config, adapter_name: str = "default", adjust=None) ->
     return groups
 
 
-def load_lora_weights_into(base, path: str, include_unet: bool, include_te: bool, adapter_name: str = "default") -> int:
-    """Copy a LoRA file's weights (any key style the importer reads) into the adapters already attached to
-    ``base``; returns the modules loaded. Training runs use ``continuation.Continuation`` (which also shapes
-    the adapters after the file)."""
-    from types import SimpleNamespace
-
-    from .continuation import Continuation
-
-    continuation = Continuation(path)
-    continuation.prepare(base, SimpleNamespace(train_unet=include_unet, train_text_encoder=include_te))
-    return continuation.load(adapter_name)
-
-
 # ---------------------------------------------------------------------------------------------
 # QLoRA: a 4-bit base through bitsandbytes (CUDA, or the CPU with bitsandbytes' CPU backend)
 # ---------------------------------------------------------------------------------------------

@@ -13,6 +13,8 @@ import sys
 import tempfile
 import time
 
+from .lora_cli import add_parsers as add_lora_tool_parsers
+
 
 def _print_events(log_every: int):
     last = {"t": 0.0}
@@ -157,17 +159,6 @@ def cmd_train(args) -> int:
     return run_training(TrainConfig.from_dict(values, source=args.config).validate())
 
 
-def parse_weighted(spec: str) -> tuple[str, float]:
-    """``file.safetensors[:weight]``; a Windows drive letter is not a weight."""
-    path, sep, weight = spec.rpartition(":")
-    if sep and path and not (len(path) == 1 and path.isalpha()):
-        try:
-            return path, float(weight)
-        except ValueError:
-            pass
-    return spec, 1.0
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m comfyui_lora_trainer",
@@ -186,23 +177,8 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config key (TOML value)")
     train.set_defaults(func=cmd_train)
 
-    from .lora_cli import add_parsers as add_lora_tool_parsers
-
     add_lora_tool_parsers(sub)  # merge, resize, merge-into, inspect
-    bench = sub.add_parser("bench", help="speed and memory benchmarks against reference runs (bench/README.md)")
-    bench.add_argument("--only", action="append", choices=["cpu", "comfy", "gpu"], help="run only these (repeatable)")
-    bench.add_argument("--steps", type=int, default=100, help="steps of the CPU comparison")
-    bench.add_argument("--repeats", type=int, default=2, help="runs per side of the CPU comparison (best kept)")
-    bench.add_argument("--comfyui-dir", help="ComfyUI checkout for the core-node comparison (default: $COMFYUI_DIR)")
-    bench.add_argument("--results-dir", help="where the JSON goes (default: bench/results)")
-    bench.set_defaults(func=cmd_bench)
     return parser
-
-
-def cmd_bench(args) -> int:
-    from ..bench.run import main as bench_main
-
-    return bench_main(args)
 
 
 def main(argv=None) -> int:

@@ -11,6 +11,9 @@ import math
 import os
 from dataclasses import dataclass, field
 
+from .formats.families import FAMILIES
+from .sampling import PromptError, parse_prompt
+
 PRECISIONS = ("fp32", "bf16", "fp16")
 TARGET_PRESETS = ("attention", "attention_ff", "full", "custom")
 ADAPTERS = ("lora", "loha", "lokr", "dora")
@@ -26,7 +29,6 @@ QUANTIZE = ("none", "4bit")
 SAMPLERS = ("euler", "euler_a", "ddim", "dpm++")
 MAX_TOKEN_LENGTHS = (75, 150, 225)
 DEVICES = ("auto", "cpu", "cuda", "mps")
-FAMILIES = ("sd1", "sd2", "sd2-v", "sdxl")
 
 
 _RESERVED_NAMES = {"con", "prn", "aux", "nul"} | {f"{p}{i}" for p in ("com", "lpt") for i in range(1, 10)}
@@ -283,8 +285,6 @@ class TrainConfig:
         need(isinstance(self.sample_prompts, list) and all(isinstance(p, str) for p in self.sample_prompts),
              "sample_prompts", "use a list of strings")
         need(self.sample_sampler in SAMPLERS, "sample_sampler", f"use one of {', '.join(SAMPLERS)}")
-        from .sampling import PromptError, parse_prompt
-
         for line in self.sample_prompts:
             try:
                 parse_prompt(line)

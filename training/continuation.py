@@ -26,19 +26,21 @@ import dataclasses
 import os
 import re
 from collections import Counter
+from types import SimpleNamespace
 
 import torch
 
 from .adapters import AdapterError
 from .config import ConfigError, TrainConfig
+from .formats import load_lora_file
+from .formats.modules import _CONV3_RE, has_dora, module_kind, module_rank, module_scale
+from .formats.names import TE_KOHYA_PREFIXES, UNET_PREFIX_KOHYA, model_module_names
 
 _DIFFS = (".diff", ".diff_b")
 _DEFAULTS = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
 
 
 def _is_conv3(tensors: dict, name: str, kind: str) -> bool:
-    from .formats.modules import _CONV3_RE
-
     down = tensors.get(name + ".lora_down.weight")
     if kind in ("lora", "dora") and down is not None and down.dim() == 4:
         return down.shape[-1] > 1
@@ -51,8 +53,6 @@ class Continuation:
     (``adjust``, the hook of :func:`.adapters.attach_adapters`), then copy the weights in (``load``)."""
 
     def __init__(self, path):
-        from .formats import load_lora_file
-
         self.path = os.fspath(path)
         try:
             weights = load_lora_file(self.path)
@@ -68,8 +68,8 @@ class Continuation:
                                f"({', '.join(f'{n} {k}' for k, n in sorted(kinds.items()))}); only a file of one "
                                "type can be continued")
         self.kind = next(iter(kinds))
-        self.has_unet = any(n.startswith("lora_unet_") for n in self.modules)
-        self.has_te = any(n.startswith(("lora_te_", "lora_te1_", "lora_te2_")) for n in self.modules)
+        self.has_unet = any(n.startswith(UNET_PREFIX_KOHYA + "_") for n in self.modules)
+        self.has_te = any(n.startswith(TE_KOHYA_PREFIXES) for n in self.modules)
         self.passthrough: dict[str, torch.Tensor] = {}
         self.fold_alpha = False
         self.notes: list[str] = []
@@ -78,8 +78,6 @@ class Continuation:
 
     def _scan(self, t: dict) -> dict[str, dict]:
         """Adapter modules: kohya name -> {kind, rank, scale, conv3} (diff/diff_b-only modules left out)."""
-        from .formats.modules import has_dora, module_kind, module_rank, module_scale
-
         modules = {}
         for name in sorted({k.split(".", 1)[0] for k in t}):
             kind = module_kind(t, name)
@@ -148,9 +146,6 @@ class Continuation:
     # ------------------------------------------------------------------ model
     def prepare(self, base, config: TrainConfig) -> None:
         """Match the file's modules to ``base``'s modules and add its diff/diff_b changes to the base weights."""
-        from .formats import load_lora_file
-        from .formats.names import model_module_names
-
         weights = load_lora_file(self.path, family=base.family, unet_structure=base.unet)  # names for this UNet
         same = {"sd2-v": "sd2"}
         if same.get(weights.family, weights.family) != same.get(base.family, base.family):
@@ -306,3 +301,12 @@ class Continuation:
                     if "." + key not in t:
                         raise AdapterError(f"network_weights = {self.path!r}: {name} has no {key}")
                     self._put(name, key, holder[adapter], t["." + key])
+
+
+def load_lora_weights_into(base, path: str, include_unet: bool, include_te: bool, adapter_name: str = "default") -> int:
+    """Copy a LoRA file's weights (any key style the importer reads) into the adapters already attached to
+    ``base``; returns the modules loaded. Training runs use ``Continuation`` (which also shapes the adapters
+    after the file)."""
+    continuation = Continuation(path)
+    continuation.prepare(base, SimpleNamespace(train_unet=include_unet, train_text_encoder=include_te))
+    return continuation.load(adapter_name)

@@ -5,8 +5,18 @@ from __future__ import annotations
 import json
 
 
+def parse_weighted(spec: str) -> tuple[str, float]:
+    """``file.safetensors[:weight]``; a Windows drive letter is not a weight."""
+    path, sep, weight = spec.rpartition(":")
+    if sep and path and not (len(path) == 1 and path.isalpha()):
+        try:
+            return path, float(weight)
+        except ValueError:
+            pass
+    return spec, 1.0
+
+
 def _weighted(specs):
-    from .cli import parse_weighted
     from .formats import load_lora_file
 
     return [(load_lora_file(path), weight) for path, weight in map(parse_weighted, specs)]

@@ -12,6 +12,8 @@ from dataclasses import dataclass
 
 import torch
 
+from .models import encode_prompts
+
 SAMPLER_CLASSES = {
     "euler": "EulerDiscreteScheduler",
     "euler_a": "EulerAncestralDiscreteScheduler",
@@ -83,7 +85,6 @@ def parse_prompt(line: str) -> SamplePrompt:
 def long_prompt_embeddings(base, pipe, prompt: str, negative: str, max_token_length: int, device) -> dict:
     """Pipeline keyword arguments with the prompt and negative encoded as in training (``max_token_length``
     windows), so that a sample sees the whole prompt as the LoRA did."""
-    from .models import encode_prompts
 
     cond = encode_prompts(base, [prompt, negative], max_token_length=max_token_length)
     hidden = cond.encoder_hidden_states.to(device)

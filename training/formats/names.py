@@ -16,7 +16,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from ..models.ldm_names import UNET_PREFIX, unet_path_to_ldm
+from .ldm_names import UNET_PREFIX, _unet_structure, unet_path_to_ldm
 from .families import check_family
 
 # tensor-name suffixes of one module
@@ -31,8 +31,13 @@ HADA = (".hada_w1_a", ".hada_w1_b", ".hada_w2_a", ".hada_w2_b", ".hada_t1", ".ha
 LOKR = (".lokr_w1", ".lokr_w1_a", ".lokr_w1_b", ".lokr_w2", ".lokr_w2_a", ".lokr_w2_b", ".lokr_t2")
 ALL_SUFFIXES = (DOWN, UP, MID, ALPHA, DORA, DIFF, DIFF_B) + HADA + LOKR
 
+# module-name prefixes: the UNet, the one SD1/SD2 text encoder, SDXL's two text encoders
 UNET_PREFIX_KOHYA = "lora_unet"
-KOHYA_PREFIXES = ("lora_unet_", "lora_te_", "lora_te1_", "lora_te2_")
+TE_PREFIX_KOHYA = "lora_te"
+TE1_PREFIX_KOHYA, TE2_PREFIX_KOHYA = "lora_te1", "lora_te2"
+KOHYA_PREFIXES = tuple(p + "_" for p in (UNET_PREFIX_KOHYA, TE_PREFIX_KOHYA, TE1_PREFIX_KOHYA, TE2_PREFIX_KOHYA))
+TE_KOHYA_PREFIXES = KOHYA_PREFIXES[1:]  # "lora_te_", "lora_te1_", "lora_te2_"
+SDXL_TE_KOHYA_PREFIXES = KOHYA_PREFIXES[2:]  # "lora_te1_", "lora_te2_"
 
 # UNet structure of the full-size public models: (layers_per_block, up blocks with attention)
 DEFAULT_UNET_STRUCTURE = {
@@ -44,11 +49,11 @@ DEFAULT_UNET_STRUCTURE = {
 
 # checkpoint text-encoder prefixes and layouts per family (kohya prefix, LDM prefix, layout)
 TEXT_ENCODERS = {
-    "sd1": [("lora_te", "cond_stage_model.transformer.", "hf_clip")],
-    "sd2": [("lora_te", "cond_stage_model.model.", "open_clip")],
-    "sd2-v": [("lora_te", "cond_stage_model.model.", "open_clip")],
-    "sdxl": [("lora_te1", "conditioner.embedders.0.transformer.", "hf_clip"),
-             ("lora_te2", "conditioner.embedders.1.model.", "open_clip")],
+    "sd1": [(TE_PREFIX_KOHYA, "cond_stage_model.transformer.", "hf_clip")],
+    "sd2": [(TE_PREFIX_KOHYA, "cond_stage_model.model.", "open_clip")],
+    "sd2-v": [(TE_PREFIX_KOHYA, "cond_stage_model.model.", "open_clip")],
+    "sdxl": [(TE1_PREFIX_KOHYA, "conditioner.embedders.0.transformer.", "hf_clip"),
+             (TE2_PREFIX_KOHYA, "conditioner.embedders.1.model.", "open_clip")],
 }
 
 
@@ -95,8 +100,6 @@ def _structure(family: str, structure) -> tuple[int, list[bool]]:
         return DEFAULT_UNET_STRUCTURE[family]
     if isinstance(structure, tuple):
         return structure
-    from ..models.ldm_names import _unet_structure
-
     return _unet_structure(structure)
 
 
@@ -148,7 +151,7 @@ def _resnet_tail(tail: list[str]) -> list[str]:
 
 
 def ldm_unet_path_to_diffusers(path: str, layers_per_block: int, up_has_attention: list[bool]) -> str | None:
-    """Inverse of ``models.ldm_names.unet_path_to_ldm``; None when ``path`` has no diffusers name."""
+    """Inverse of ``ldm_names.unet_path_to_ldm``; None when ``path`` has no diffusers name."""
     p = path.split(".")
     L = layers_per_block
     try:

@@ -11,8 +11,8 @@ from typing import Any, Mapping
 
 import torch
 
-from ..config import FAMILIES  # noqa: F401  (the names live with the other settings' choices)
-from .ldm_names import UNET_PREFIX
+from ..formats.families import FAMILIES  # noqa: F401 (re-exported by models/)
+from ..formats.ldm_names import UNET_PREFIX
 
 logger = logging.getLogger(__name__)
 

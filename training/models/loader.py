@@ -16,6 +16,16 @@ from typing import Any, Mapping
 
 import torch
 
+from ..formats.ldm_names import (
+    UNET_PREFIX,
+    VAE_PREFIX,
+    from_ldm,
+    text_encoder_key_map,
+    to_ldm,
+    unet_key_map,
+    vae_key_map,
+)
+from ..formats.safetensors_io import write_atomically
 from .families import (
     ARCH_METADATA_KEY,
     FAMILIES,
@@ -24,15 +34,6 @@ from .families import (
     detect_family,
     family_config,
     sd2_v_from_yaml,
-)
-from .ldm_names import (
-    UNET_PREFIX,
-    VAE_PREFIX,
-    from_ldm,
-    text_encoder_key_map,
-    to_ldm,
-    unet_key_map,
-    vae_key_map,
 )
 
 logger = logging.getLogger(__name__)
@@ -405,8 +406,12 @@ def _tokenizer_beside(path: str) -> list[str] | None:
     return None
 
 
+def tiny_tokenizer_dir() -> str:
+    """The bundled tiny CLIP BPE tokenizer folder (byte-level vocab + a few merges, model_max_length 77)."""
+    return os.path.join(os.path.dirname(os.path.abspath(__file__)), "tiny_tokenizer")
+
+
 def _pick_tokenizers(tokenizer_dir, beside, is_tiny, fam, path):
-    from .tiny import tiny_tokenizer_dir
     if tokenizer_dir is not None:
         src = tokenizer_dir
     elif beside:
@@ -636,6 +641,4 @@ def write_checkpoint(base: BaseModel, path, overwrite: bool = True) -> None:
         "modelspec.resolution": f"{res}x{res}",
         "modelspec.prediction_type": "v" if base.prediction_type == "v_prediction" else "epsilon",
     }
-    from ..formats.safetensors_io import write_atomically
-
     write_atomically(path, lambda tmp: save_file(sd, tmp, metadata=meta), overwrite=overwrite)

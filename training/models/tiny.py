@@ -11,14 +11,10 @@ import os
 import torch
 
 from .families import FAMILIES, family_config
+from .loader import BaseModel, apply_tokenizer_padding, make_scheduler, make_text_encoder, make_unet, make_vae, \
+    tiny_tokenizer_dir, write_checkpoint
 
-_HERE = os.path.dirname(os.path.abspath(__file__))
 TINY_VOCAB_SIZE = 546  # len(tiny_tokenizer)
-
-
-def tiny_tokenizer_dir() -> str:
-    """The bundled tiny CLIP BPE tokenizer folder (byte-level vocab + a few merges, model_max_length 77)."""
-    return os.path.join(_HERE, "tiny_tokenizer")
 
 
 # per family: UNet widths/levels/depths, VAE, text encoders (hidden, layers, intermediate[, projection])
@@ -66,7 +62,6 @@ def _unet_config(fam: dict, spec: dict, cross_dim: int, pooled_dim: int | None, 
 
 def _build(family: str, spec: dict, vae_spec: dict | None, seed: int, default_resolution: int, tiny: bool,
            perturb: bool):
-    from .loader import BaseModel, apply_tokenizer_padding, make_scheduler, make_text_encoder, make_unet, make_vae
     from transformers import CLIPTokenizer
     if family not in FAMILIES:
         raise ValueError(f"unknown family {family!r}; expected one of {', '.join(FAMILIES)}")
@@ -158,7 +153,6 @@ def build_components(family: str = "sd1", seed: int = 0, **size_overrides):
 
 def write_tiny_checkpoint(path, family: str = "sd1", seed: int = 0) -> str:
     """Write a tiny random single-file checkpoint (LDM/SAI layout) for ``family``; returns the path."""
-    from .loader import write_checkpoint
     path = os.fspath(path)
     write_checkpoint(build_tiny_components(family, seed), path)
     return path
