@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+from ..training.formats.families import CONTEXT_WIDTH_FAMILY
+from ..training.formats.names import SDXL_TE_KOHYA_PREFIXES
 from .spec import LORA, In, NodeError, NodeResult, NodeSpec, Out, node_id
 
 NO_FILE = "(none: use the lora input)"
 
 # width of the text context a model's cross-attention reads: tells the base model a LoRA was made for
-CONTEXT_FAMILIES = {768: "SD1.x", 1024: "SD2.x", 2048: "SDXL"}
+CONTEXT_FAMILIES = {width: {"sd1": "SD1.x", "sd2": "SD2.x", "sdxl": "SDXL"}[family]
+                    for width, family in CONTEXT_WIDTH_FAMILY.items()}
 
 
 def lora_context_dim(tensors) -> int | None:
@@ -18,7 +21,7 @@ def lora_context_dim(tensors) -> int | None:
         if "attn2" in k and ("to_k" in k or "to_v" in k) and ("lora_down" in k or "lora_A" in k) \
                 and getattr(value, "ndim", 0) == 2:
             return int(value.shape[1])
-    if any(key.startswith(("lora_te1_", "lora_te2_")) for key in tensors):
+    if any(key.startswith(SDXL_TE_KOHYA_PREFIXES) for key in tensors):
         return 2048  # kohya names its two SDXL text encoders te1/te2
     return None
 

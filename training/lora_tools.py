@@ -21,7 +21,7 @@ import torch
 from .formats.families import family_from_metadata
 from .formats.kohya import LoraWeights, load_lora_file, module_names
 from .formats.modules import has_dora, module_alpha, module_delta, module_kind, module_rank
-from .formats.names import DIFF_B, DORA, Target, checkpoint_targets
+from .formats.names import DIFF_B, DORA, TE_KOHYA_PREFIXES, UNET_PREFIX_KOHYA, Target, checkpoint_targets
 from .merge import REPORT_KEY, MergeReport, merge_loras, network_metadata
 
 
@@ -202,10 +202,12 @@ def _save_atomic(sd: dict, meta: dict, path: str, overwrite: bool) -> None:
 
 
 # ------------------------------------------------------------------------------------ inspect
+_UNET = re.escape(UNET_PREFIX_KOHYA)
+_TE = "|".join(re.escape(p[:-1]) for p in TE_KOHYA_PREFIXES)  # lora_te|lora_te1|lora_te2
 _BLOCK_RES = [
-    re.compile(r"^lora_unet_((?:down|up)_blocks_\d+|mid_block|(?:input|output)_blocks_\d+|middle_block)"),
-    re.compile(r"^lora_unet_(conv_in|conv_out|time_embedding|add_embedding|time_embed|label_emb)"),
-    re.compile(r"^(lora_te[12]?)_text_model_encoder_layers_(\d+)"),
+    re.compile(rf"^{_UNET}_((?:down|up)_blocks_\d+|mid_block|(?:input|output)_blocks_\d+|middle_block)"),
+    re.compile(rf"^{_UNET}_(conv_in|conv_out|time_embedding|add_embedding|time_embed|label_emb)"),
+    re.compile(rf"^({_TE})_text_model_encoder_layers_(\d+)"),
 ]
 
 
@@ -242,10 +244,10 @@ def _blocks(weights: LoraWeights) -> dict[str, dict]:
 
 def _raw_key_issues(raw_keys, family) -> list[str]:
     issues = []
-    if any(re.match(r"lora_te[12]?_encoder_layers_", k) for k in raw_keys):
+    if any(re.match(rf"({_TE})_encoder_layers_", k) for k in raw_keys):
         issues.append("text-encoder names lack 'text_model_' (diffusers' converter): ComfyUI ignores them; "
                       "this package adds it on load")
-    if family == "sdxl" and any(re.match(r"lora_unet_(down_blocks|up_blocks|mid_block)_", k) for k in raw_keys):
+    if family == "sdxl" and any(re.match(rf"{_UNET}_(down_blocks|up_blocks|mid_block)_", k) for k in raw_keys):
         issues.append("SDXL UNet modules in diffusers names: kohya's sdxl_merge_lora.py skips them and A1111 "
                       "maps upsamplers wrong; re-save with this package to get SAI names")
     if any(k.endswith(("lora_down.weight", "lora_A.weight")) for k in raw_keys) and \

@@ -25,11 +25,17 @@ import re
 
 import torch
 
-from .families import family_from_metadata
+from .families import CONTEXT_WIDTH_FAMILY, family_from_metadata
 from .names import (
     ALPHA,
     DORA,
     KOHYA_PREFIXES,
+    SDXL_TE_KOHYA_PREFIXES,
+    TE1_PREFIX_KOHYA,
+    TE2_PREFIX_KOHYA,
+    TE_KOHYA_PREFIXES,
+    TE_PREFIX_KOHYA,
+    UNET_PREFIX_KOHYA,
     ldm_unet_path_to_diffusers,
     lora_name,
     te_name,
@@ -83,13 +89,15 @@ def guess_family(keys_shapes: dict, metadata: dict | None) -> str | None:
     if fam:
         return fam
     keys = list(keys_shapes)
-    if any(k.startswith(("lora_te2_", "text_encoder_2.", "text_encoders.clip_g.")) or "clip_g" in k for k in keys):
+    if any(k.startswith((TE2_PREFIX_KOHYA + "_", "text_encoder_2.", "text_encoders.clip_g.")) or "clip_g" in k
+           for k in keys):
         return "sdxl"
     for k, shape in keys_shapes.items():
         if re.search(r"attn2[._]to_k", k) and re.search(r"(lora_down|lora_A|lora\.down|_lora\.down)", k):
             width = shape[1] if len(shape) > 1 else None
-            return {2048: "sdxl", 1024: "sd2", 768: "sd1"}.get(width)
-    if any(re.match(r"(lora_unet_|diffusion_model\.)(input_blocks|middle_block|output_blocks)", k) for k in keys):
+            return CONTEXT_WIDTH_FAMILY.get(width)
+    if any(re.match(rf"({UNET_PREFIX_KOHYA}_|diffusion_model\.)(input_blocks|middle_block|output_blocks)", k)
+           for k in keys):
         return None
     return None
 
@@ -135,28 +143,29 @@ class _Namer:
 
     def unet_ldm(self, path: str) -> str:
         if self.family == "sdxl":
-            return lora_name("lora_unet", path)
+            return lora_name(UNET_PREFIX_KOHYA, path)
         L, up = unet_structure(self.family or "sd1", self.structure)
         diffusers = ldm_unet_path_to_diffusers(path, L, up)
-        return lora_name("lora_unet", diffusers if diffusers is not None else path)
+        return lora_name(UNET_PREFIX_KOHYA, diffusers if diffusers is not None else path)
 
     def te(self, index: int, path: str) -> str:
         if self.family == "sdxl":
-            prefix = "lora_te1" if index == 0 else "lora_te2"
+            prefix = TE1_PREFIX_KOHYA if index == 0 else TE2_PREFIX_KOHYA
         else:
-            prefix = "lora_te"
+            prefix = TE_PREFIX_KOHYA
         return te_name(prefix, path)
 
 
 def _fix_kohya_name(name: str, family: str | None) -> str:
-    for p in ("lora_te_", "lora_te1_", "lora_te2_"):
+    for p in TE_KOHYA_PREFIXES:
         if name.startswith(p) and not name[len(p):].startswith("text_model_"):
             name = p + "text_model_" + name[len(p):]
             break
-    if name.startswith("lora_te1_") and family in ("sd1", "sd2", "sd2-v"):
-        name = "lora_te_" + name[len("lora_te1_"):]
+    te1, te = TE1_PREFIX_KOHYA + "_", TE_PREFIX_KOHYA + "_"
+    if name.startswith(te1) and family in ("sd1", "sd2", "sd2-v"):
+        name = te + name[len(te1):]
     if name.startswith("lycoris_"):
-        name = "lora_unet_" + name[len("lycoris_"):]
+        name = UNET_PREFIX_KOHYA + "_" + name[len("lycoris_"):]
     return name
 
 
@@ -239,7 +248,7 @@ def to_kohya(tensors: dict[str, torch.Tensor], metadata: dict | None = None, sou
 
 def family_from_kohya_names(tensors) -> str | None:
     for k in tensors:
-        if k.startswith(("lora_te1_", "lora_te2_", "lora_unet_input_blocks_", "lora_unet_middle_block_",
-                         "lora_unet_output_blocks_")):
+        if k.startswith(SDXL_TE_KOHYA_PREFIXES + tuple(f"{UNET_PREFIX_KOHYA}_{block}_" for block in (
+                "input_blocks", "middle_block", "output_blocks"))):
             return "sdxl"
     return None

@@ -27,6 +27,9 @@ MODELSPEC_IMPLEMENTATION = {
     "sdxl": "https://github.com/Stability-AI/generative-models",
 }
 
+# width of the text context a model's cross-attention reads -> the family it tells apart
+CONTEXT_WIDTH_FAMILY = {768: "sd1", 1024: "sd2", 2048: "sdxl"}
+
 DEFAULT_RESOLUTION = {"sd1": 512, "sd2": 512, "sd2-v": 768, "sdxl": 1024}
 
 PREDICTION_TYPE = {"sd1": "epsilon", "sd2": "epsilon", "sd2-v": "v", "sdxl": "epsilon"}

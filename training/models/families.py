@@ -13,6 +13,7 @@ import torch
 
 from ..formats.families import FAMILIES  # noqa: F401 (re-exported by models/)
 from ..formats.ldm_names import UNET_PREFIX
+from ..formats.names import KOHYA_PREFIXES
 
 logger = logging.getLogger(__name__)
 
@@ -89,7 +90,7 @@ def detect_family(state_dict_or_keys_and_shapes, metadata: Mapping[str, str] | N
 
     U = UNET_PREFIX
     if not has_prefix(U):
-        if any(k.startswith(("lora_unet_", "lora_te", "lora_te1_", "lora_te2_")) or ".lora_down." in k
+        if any(k.startswith(KOHYA_PREFIXES) or ".lora_down." in k
                or ".lora_A." in k or ".hada_w1_a" in k or ".lokr_w" in k for k in keys):
             raise _unsupported("a LoRA / LyCORIS adapter file, not a base checkpoint",
                                "Load it with the LoRA nodes; training needs a full base checkpoint.")
