@@ -85,7 +85,6 @@ def parse_prompt(line: str) -> SamplePrompt:
 def long_prompt_embeddings(base, pipe, prompt: str, negative: str, max_token_length: int, device) -> dict:
     """Pipeline keyword arguments with the prompt and negative encoded as in training (``max_token_length``
     windows), so that a sample sees the whole prompt as the LoRA did."""
-
     cond = encode_prompts(base, [prompt, negative], max_token_length=max_token_length)
     hidden = cond.encoder_hidden_states.to(device)
     kwargs = {"prompt_embeds": hidden[:1], "negative_prompt_embeds": hidden[1:]}
