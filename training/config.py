@@ -153,7 +153,8 @@ class TrainConfig:
     )
     dataset: str = setting(
         "",
-        "folder of captioned images (layouts as in the walkthrough; `N_name` folders repeat their images N times)",
+        "folder of captioned images (layouts as in the README's walkthrough; `N_name` folders repeat their images "
+        "N times)",
         default_doc="(required)", group="model",
     )
     output_dir: str = setting(".", "folder the LoRA (and checkpoints, states, samples) is written to", group="model")
@@ -411,13 +412,13 @@ class TrainConfig:
     min_timestep: int = setting(
         0,
         "timesteps are drawn from [min_timestep, max_timestep)",
-        doc="timesteps are drawn uniformly from this range",
+        doc="timesteps are drawn uniformly from `min_timestep` (inclusive) to `max_timestep` (exclusive)",
         group="optimisation", min=0, widget=dict(max=999),
     )
     max_timestep: int = setting(
         1000,
         "timesteps are drawn from [min_timestep, max_timestep)",
-        doc="timesteps are drawn uniformly from this range",
+        doc="timesteps are drawn uniformly from `min_timestep` (inclusive) to `max_timestep` (exclusive)",
         group="optimisation", max=1000, widget=dict(min=1),
     )
     zero_terminal_snr: bool = setting(
@@ -501,13 +502,13 @@ class TrainConfig:
     loraplus_unet_lr_ratio: float = setting(
         0.0,
         "LoRA+ ratio for the UNet only (wins over loraplus_lr_ratio)",
-        doc="the same ratio for the UNet / the text encoders only; wins over `loraplus_lr_ratio` (as in kohya)",
+        doc="the same ratio for the UNet only; wins over `loraplus_lr_ratio` (as in kohya)",
         group="adapter", min=0, advice="0: off; 16 is the LoRA+ paper's advice", widget=dict(max=1000.0, step=0.5),
     )
     loraplus_text_encoder_lr_ratio: float = setting(
         0.0,
         "LoRA+ ratio for the text encoders only (wins over loraplus_lr_ratio)",
-        doc="the same ratio for the UNet / the text encoders only; wins over `loraplus_lr_ratio` (as in kohya)",
+        doc="the same ratio for the text encoders only; wins over `loraplus_lr_ratio` (as in kohya)",
         group="adapter", min=0, advice="0: off; 16 is the LoRA+ paper's advice", widget=dict(max=1000.0, step=0.5),
     )
     network_dropout: float = setting(
@@ -570,13 +571,11 @@ class TrainConfig:
     min_bucket_reso: int = setting(
         256,
         "smallest bucket side",
-        doc="smallest / largest bucket side",
         group="data", min=64, widget=dict(max=4096, step=64),
     )
     max_bucket_reso: int = setting(
         1024,
         "largest bucket side",
-        doc="smallest / largest bucket side",
         group="data", min=64, widget=dict(max=4096, step=64),
     )
     bucket_reso_steps: int = setting(
@@ -672,7 +671,7 @@ class TrainConfig:
         False,
         "{a|b|c} in a caption picks one option per sample; a multi-line caption a random line",
         doc=(
-            "kohya's `--enable_wildcard`: `{a\\|b\\|c}` in a caption becomes one option per sample, and a "
+            "kohya's `--enable_wildcard`: `{a|b|c}` in a caption becomes one option per sample, and a "
             "multi-line caption file gives a random line (`{{`/`}}` are literal braces); drawn from each sample's "
             "own seed, so runs with other batch layouts, process counts or resumes see the same captions"
         ),
