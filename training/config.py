@@ -55,7 +55,7 @@ class ConfigError(ValueError):
     """A setting that cannot work; the message names the key and says what to use instead."""
 
 
-GROUPS = {  # README section of each field's `group` (docs/configuration.md), in table order
+GROUPS = {  # each field's `group`: its table's heading in docs/configuration.md, in table order
     "model": "Model, data, output",
     "adapter": "Adapter",
     "optimisation": "Optimisation",
