@@ -143,6 +143,12 @@ def field_problem(f, value) -> str | None:
     return None if ok else rule_text(meta, _is_whole(f))
 
 
+# rules several fields share
+_LORAPLUS_RATIO = dict(group="adapter", min=0, advice="0: off; 16 is the LoRA+ paper's advice",
+                       widget=dict(max=1000.0, step=0.5))
+_DROPOUT = dict(group="adapter", min=0, lt=1, advice="0: off; 0.1 is common", widget=dict(max=0.99, step=0.01))
+
+
 @dataclass
 class TrainConfig:
     checkpoint: str = setting(
@@ -497,19 +503,19 @@ class TrainConfig:
             "at `lr` (0: off; 16 is the paper's advice; `lora`/`dora`). With `prodigy` only the first group's lr "
             "counts"
         ),
-        group="adapter", min=0, advice="0: off; 16 is the LoRA+ paper's advice", widget=dict(max=1000.0, step=0.5),
+        **_LORAPLUS_RATIO,
     )
     loraplus_unet_lr_ratio: float = setting(
         0.0,
         "LoRA+ ratio for the UNet only (wins over loraplus_lr_ratio)",
         doc="the same ratio for the UNet only; wins over `loraplus_lr_ratio` (as in kohya)",
-        group="adapter", min=0, advice="0: off; 16 is the LoRA+ paper's advice", widget=dict(max=1000.0, step=0.5),
+        **_LORAPLUS_RATIO,
     )
     loraplus_text_encoder_lr_ratio: float = setting(
         0.0,
         "LoRA+ ratio for the text encoders only (wins over loraplus_lr_ratio)",
         doc="the same ratio for the text encoders only; wins over `loraplus_lr_ratio` (as in kohya)",
-        group="adapter", min=0, advice="0: off; 16 is the LoRA+ paper's advice", widget=dict(max=1000.0, step=0.5),
+        **_LORAPLUS_RATIO,
     )
     network_dropout: float = setting(
         0.0,
@@ -518,13 +524,13 @@ class TrainConfig:
             "kohya's dropout on the down projection's output: each element zeroed with this probability while "
             "training (`lora`/`dora`)"
         ),
-        group="adapter", min=0, lt=1, advice="0: off; 0.1 is common", widget=dict(max=0.99, step=0.01),
+        **_DROPOUT,
     )
     rank_dropout: float = setting(
         0.0,
         "each rank channel of a sample dropped with this probability (lora/dora)",
         doc="each rank channel of a sample zeroed with this probability, the update scaled up to match (`lora`/`dora`)",
-        group="adapter", min=0, lt=1, advice="0: off; 0.1 is common", widget=dict(max=0.99, step=0.01),
+        **_DROPOUT,
     )
     module_dropout: float = setting(
         0.0,
@@ -533,7 +539,7 @@ class TrainConfig:
             "each LoRA module skipped for a sample with this probability (`lora`). The three dropouts draw per "
             "sample (same run whatever the batch layout or processes); never at sampling, inference or export"
         ),
-        group="adapter", min=0, lt=1, advice="0: off; 0.1 is common", widget=dict(max=0.99, step=0.01),
+        **_DROPOUT,
     )
     scale_weight_norms: float = setting(
         0.0,
