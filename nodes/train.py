@@ -207,8 +207,9 @@ class TrainLoRA(NodeSpec):
         )
         if sample_every:
             own["sample_prompts"] = sample_prompts(sample_prompt, dataset)
-        if state_directory(host):
-            own["state_dir"] = state_directory(host)
+        states = state_directory(host)
+        if states:
+            own["state_dir"] = states
         try:
             config = TrainConfig.from_dict({**(options or {}), **own}, source="options")  # the node's own win
             if resume:

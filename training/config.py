@@ -132,9 +132,8 @@ def field_problem(f, value) -> str | None:
         if "choices" in meta:
             ok = value in meta["choices"]
         else:
-            whole = _is_whole(f)
-            ok = (isinstance(value, int) if whole else isinstance(value, (int, float)) and math.isfinite(value)) \
-                and not isinstance(value, str)
+            ok = isinstance(value, int) if _is_whole(f) else \
+                isinstance(value, (int, float)) and math.isfinite(value)
             ok = ok and ("min" not in meta or value >= meta["min"]) and ("max" not in meta or value <= meta["max"]) \
                 and ("gt" not in meta or value > meta["gt"]) and ("lt" not in meta or value < meta["lt"]) \
                 and ("multiple_of" not in meta or value % meta["multiple_of"] == 0)
