@@ -16,6 +16,7 @@ CATEGORY = "LoRA Trainer"
 # Value types that travel between our nodes; prefixed so they never collide with core or other packs.
 LORA = "LORATRAINER_LORA"
 DATASET = "LORATRAINER_DATASET"
+OPTIONS = "LORATRAINER_OPTIONS"  # Training Options -> Train LoRA
 
 
 @dataclass

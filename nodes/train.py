@@ -1,51 +1,19 @@
 """Train LoRA: checkpoint + dataset -> a LoRA file in models/loras, the LoRA itself and its loss.
 
-While it trains the node reports through the host: ComfyUI's progress bar and preview (the latest
-sample image, or the loss chart when sampling is off) and a status line, which the stock frontend
-shows; websocket messages (``loratrainer.*``) that web/lora_trainer.js draws as a live chart; and a
-run record in nodes/runs.py that a reloaded page re-draws from. Before training it estimates peak
-memory and time (nodes/estimate.py) and refuses settings that cannot fit.
+The node builds a TrainConfig from its inputs and the Training Options, checks that the run fits
+(unreadable images, the memory/time estimate of nodes/estimate.py), and trains with a reporter
+(nodes/progress.py) that shows the run: progress bar, preview, status line, live chart and run record.
+The backend's own checks (output file exists, batch larger than the dataset, ...) are not repeated here:
+their errors reach the user with their words.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import os
-import time
 
-from .spec import DATASET, LORA, In, NodeError, NodeResult, NodeSpec, Out, node_id
-
-OPTIONS = "LORATRAINER_OPTIONS"
-
-# websocket message types (web/lora_trainer.js listens for the same names)
-RUN_EVENT = "loratrainer.run"  # a run's status changed (starting, running, done, interrupted, error)
-PROGRESS_EVENT = "loratrainer.progress"  # one optimizer step
-SAMPLE_EVENT = "loratrainer.sample"  # sample images for a step
-SAVED_EVENT = "loratrainer.saved"  # a LoRA file was written (pages refresh their LoRA lists)
-
-PREVIEW_CHART_SECONDS = 5.0  # without samples, the loss chart preview is re-drawn at most this often
-TEXT_SECONDS = 0.5  # the status line under the node at most this often
-
-
-class SpeedMeter:
-    """Steps per second over the last ``window`` steps, and the time left at that speed."""
-
-    def __init__(self, window: int = 20, clock=time.monotonic):
-        self.window, self.clock, self.times = window, clock, []
-
-    def tick(self, step: int) -> None:
-        self.times.append((step, self.clock()))
-        del self.times[: -self.window - 1]
-
-    def rate(self) -> float | None:
-        if len(self.times) < 2:
-            return None
-        (s0, t0), (s1, t1) = self.times[0], self.times[-1]
-        return (s1 - s0) / (t1 - t0) if t1 > t0 else None
-
-    def eta(self, step: int, total: int) -> float | None:
-        rate = self.rate()
-        return (total - step) / rate if rate else None
+from .fields import config_input
+from .progress import PROGRESS_EVENT, RUN_EVENT, SAMPLE_EVENT, SAVED_EVENT, RunReporter, SpeedMeter  # noqa: F401
+from .spec import DATASET, LORA, OPTIONS, In, NodeError, NodeResult, NodeSpec, Out, node_id
 
 
 def clean_stale_saves(folder: str) -> list[str]:
@@ -56,12 +24,6 @@ def clean_stale_saves(folder: str) -> list[str]:
         return cleanup_stale_temp_files(folder)
     except OSError:
         return []
-
-
-def config_fields() -> set[str]:
-    from ..training.config import TrainConfig
-
-    return {f.name for f in dataclasses.fields(TrainConfig)}
 
 
 def state_path_for(folders, output_name: str) -> str | None:
@@ -104,25 +66,62 @@ def tokenizer_for_checkpoint(host, path: str) -> str | None:
     return host.tokenizer_dir()
 
 
-def _pil(value):
-    """A sample image from the loop: a PIL image, a file path, or an [H,W,3]/[3,H,W] tensor in [0,1]/[-1,1]."""
-    from PIL import Image
+def sample_prompts(text: str, dataset) -> list[str]:
+    """One prompt per non-empty line; none: the dataset's first caption."""
+    prompts = [line.strip() for line in (text or "").splitlines() if line.strip()]
+    return prompts or [next((item.caption for item in dataset.items if item.caption), "")]
 
-    if isinstance(value, Image.Image):
-        return value.convert("RGB")
-    if isinstance(value, (str, os.PathLike)):
-        with Image.open(value) as img:
-            return img.convert("RGB")
-    import numpy as np
 
-    array = value.detach().float().cpu().numpy() if hasattr(value, "detach") else np.asarray(value, dtype=np.float32)
-    if array.ndim == 4:
-        array = array[0]
-    if array.shape[0] in (1, 3) and array.shape[-1] not in (1, 3):
-        array = array.transpose(1, 2, 0)
-    if array.min() < 0:
-        array = (array + 1) / 2
-    return Image.fromarray((array.clip(0, 1) * 255).round().astype("uint8")).convert("RGB")
+def resume_state(host, config) -> str:
+    """The state a resumed run continues from; NodeError when this output_name left none."""
+    # the state folder first; models/loras holds the states of runs from before it existed
+    state = state_path_for([config.state_dir or config.output_dir, config.output_dir], config.output_name)
+    if state is None:
+        states = state_directory(host)
+        where = f"{states} (nor in models/loras)" if states else "models/loras"
+        raise NodeError(
+            f"resume: no saved state for '{config.output_name}' in {where}; a run saves one when it "
+            "is cancelled, and every save_every steps with save_state on (Training Options). Switch resume "
+            "off to start afresh."
+        )
+    return state
+
+
+def preflight(host, config, dataset, memory_limit_gb: float = 0.0):
+    """What must hold before the device is touched: readable images, then the memory/time estimate for
+    ``config`` on the host's device (after ComfyUI's models are unloaded). NodeError when it cannot run;
+    returns the estimate, or None where the checkpoint's shapes cannot be read (the loader says why)."""
+    from .estimate import GiB, Settings, estimate, read_model_shape, refusal_message
+
+    report = getattr(dataset, "report", None)
+    if report is not None and report.unreadable:
+        names = ", ".join(c.rel for c in report.unreadable[:5])
+        raise NodeError(
+            f"dataset: {len(report.unreadable)} image(s) cannot be read ({names}); remove or re-save them "
+            "(Load Dataset's report lists them)"
+        )
+    for folder in dict.fromkeys(f for f in (config.output_dir, config.state_dir) if f):
+        clean_stale_saves(folder)
+    host.free_memory()  # ComfyUI's models go first: the estimate compares against what is then free
+    try:
+        shape = read_model_shape(config.checkpoint, config.family)
+    except Exception:  # a diffusers folder or an unreadable header: the loader will say what is wrong
+        return None
+    memory = host.device_memory()
+    free = int(memory_limit_gb * GiB) if memory_limit_gb and memory_limit_gb > 0 else memory["free"]
+    settings = Settings(
+        resolution=config.resolution,
+        batch_size=config.batch_size,
+        rank=config.rank,
+        precision=config.precision,
+        gradient_checkpointing=config.gradient_checkpointing,
+        gradient_accumulation_steps=config.gradient_accumulation_steps,
+        steps=config.steps,
+    )
+    est = estimate(shape, settings, free, memory["type"], memory["name"], memory.get("cpu_count", 4))
+    if not est.fits:
+        raise NodeError(refusal_message(est))
+    return est
 
 
 class TrainLoRA(NodeSpec):
@@ -137,37 +136,35 @@ class TrainLoRA(NodeSpec):
         "with resume on to continue."
     )
     # Order matters: saved workflows store widget values by position. Append new inputs at the end.
+    # Inputs named after a TrainConfig key take its range and help from the field (nodes/fields.py).
     inputs = [
         In("checkpoint", "COMBO", options=lambda host: host.checkpoint_names(), tooltip="base model to train on"),
         In("dataset", DATASET),
-        In("steps", "INT", default=500, min=1, max=1_000_000, tooltip="optimizer steps"),
-        In("learning_rate", "FLOAT", default=1e-4, min=1e-7, max=0.1, step=1e-5),
-        In("rank", "INT", default=16, min=1, max=256, tooltip="LoRA rank (dim)"),
-        In("alpha", "FLOAT", default=16.0, min=0.01, max=1024.0, step=0.5, tooltip="scale = alpha / rank"),
-        In("resolution", "INT", default=512, min=64, max=4096, step=64),
-        In("batch_size", "INT", default=1, min=1, max=64),
-        In(
-            "seed", "INT", default=0, min=0, max=2**63 - 1, control_after_generate=False,
+        config_input("steps"),
+        config_input("learning_rate", tooltip=None),
+        config_input("rank"),
+        config_input("alpha"),
+        config_input("resolution", tooltip=None),
+        config_input("batch_size", tooltip=None),
+        config_input(
+            "seed", control_after_generate=False,
             tooltip="same seed, same run; fixed so that queueing again with resume on continues the same run",
         ),
-        In("output_name", "STRING", default="my_lora", tooltip="file name in models/loras (no extension)"),
-        In("precision", "COMBO", options=["bf16", "fp32", "fp16"], default="bf16", optional=True),
-        In("trigger_word", "STRING", default="", optional=True, tooltip="prepended to every caption"),
-        In("overwrite", "BOOLEAN", default=False, optional=True, tooltip="replace an existing file of that name"),
-        In(
-            "gradient_checkpointing", "BOOLEAN", default=False, optional=True,
-            tooltip="recompute activations in the backward pass: far less memory, about 30-45 % slower",
-        ),
-        In(
-            "sample_every", "INT", default=0, min=0, max=1_000_000, optional=True,
+        config_input("output_name", tooltip="file name in models/loras (no extension)"),
+        config_input("precision", options=["bf16", "fp32", "fp16"], default="bf16", tooltip=None, optional=True),
+        config_input("trigger_word", optional=True),
+        config_input("overwrite", optional=True),
+        config_input("gradient_checkpointing", optional=True),
+        config_input(
+            "sample_every_n_steps", "sample_every", optional=True,
             tooltip="draw sample images every N steps (0: off); they show on the node",
         ),
         In(
             "sample_prompt", "STRING", default="", multiline=True, optional=True,
             tooltip="one prompt per line for the sample images (empty: the first caption of the dataset)",
         ),
-        In(
-            "save_every", "INT", default=0, min=0, max=1_000_000, optional=True,
+        config_input(
+            "save_every_n_steps", "save_every", optional=True,
             tooltip="also write <name>_stepN and a resumable state every N steps (0: only at the end)",
         ),
         In(
@@ -193,254 +190,65 @@ class TrainLoRA(NodeSpec):
                      seed, output_name, precision="bf16", trigger_word="", overwrite=False,
                      gradient_checkpointing=False, sample_every=0, sample_prompt="", save_every=0, resume=False,
                      options=None):
+        """The run's TrainConfig: the node's inputs, then the Training Options for every other key."""
         from ..training.config import ConfigError, TrainConfig
 
         device = host.torch_device()
         if str(device) == "cpu" and precision == "fp16":
             precision = "fp32"  # fp16 autocast needs a GPU; fp32 is what the CPU runs best
         checkpoint_path = host.checkpoint_path(checkpoint)
-        values = dict(
-            checkpoint=checkpoint_path,
-            tokenizer=tokenizer_for_checkpoint(host, checkpoint_path),
-            dataset=dataset.root,
-            output_dir=host.loras_directory(),
-            output_name=output_name.strip(),
-            steps=steps,
-            rank=rank,
-            alpha=float(alpha),
-            learning_rate=float(learning_rate),
-            resolution=resolution,
-            batch_size=batch_size,
-            seed=seed,
-            precision=precision,
-            trigger_word=(trigger_word or "").strip(),
-            overwrite=bool(overwrite),
-            device=str(device),
+        own = dict(
+            checkpoint=checkpoint_path, tokenizer=tokenizer_for_checkpoint(host, checkpoint_path),
+            dataset=dataset.root, output_dir=host.loras_directory(), output_name=output_name.strip(),
+            steps=steps, rank=rank, alpha=float(alpha), learning_rate=float(learning_rate), resolution=resolution,
+            batch_size=batch_size, seed=seed, precision=precision, trigger_word=(trigger_word or "").strip(),
+            overwrite=bool(overwrite), device=str(device), gradient_checkpointing=bool(gradient_checkpointing),
+            sample_every_n_steps=int(sample_every or 0), save_every_n_steps=int(save_every or 0),
         )
-        known = config_fields()
-        wanted = {
-            "gradient_checkpointing": bool(gradient_checkpointing),
-            "sample_every_n_steps": int(sample_every or 0),
-            "save_every_n_steps": int(save_every or 0),
-        }
         if sample_every:
-            prompts = [line.strip() for line in (sample_prompt or "").splitlines() if line.strip()]
-            if not prompts:
-                prompts = [next((item.caption for item in dataset.items if item.caption), "")]
-            wanted["sample_prompts"] = prompts
-        for key, value in wanted.items():
-            if key in known:
-                values[key] = value
-            elif value:
-                raise NodeError(f"{key.split('_n_')[0]}: this version of the trainer does not support it; leave it off")
-        for key, value in (options or {}).items():
-            if key in values and key not in ("gradient_accumulation_steps",):
-                continue  # the node's own inputs win over the options node
-            values[key] = value
-        if "save_state_on_stop" in known:
-            values.setdefault("save_state_on_stop", True)
+            own["sample_prompts"] = sample_prompts(sample_prompt, dataset)
         states = state_directory(host)
-        if states and "state_dir" in known:
-            values["state_dir"] = states
-        config = TrainConfig(**{k: v for k, v in values.items() if k in known})
-        if resume:
-            if "resume_from" not in known:
-                raise NodeError("resume: this version of the trainer cannot resume; switch resume off")
-            # the state folder first; models/loras holds the states of runs from before it existed
-            state = state_path_for([getattr(config, "state_dir", "") or config.output_dir, config.output_dir],
-                                   config.output_name)
-            if state is None:
-                where = f"{states} (nor in models/loras)" if states else "models/loras"
-                raise NodeError(
-                    f"resume: no saved state for '{config.output_name}' in {where}; a run saves one when it "
-                    "is cancelled, and every save_every steps with save_state on (Training Options). Switch resume "
-                    "off to start afresh."
-                )
-            config.resume_from = state
+        if states:
+            own["state_dir"] = states
         try:
-            config.validate()
+            config = TrainConfig.from_dict({**(options or {}), **own}, source="options")  # the node's own win
+            if resume:
+                config.resume_from = resume_state(host, config)
+            return config.validate()
         except ConfigError as e:
             raise NodeError(str(e)) from None
-        samples = getattr(dataset, "num_samples", None)
-        if samples is not None and config.batch_size > samples:
-            raise NodeError(
-                f"batch_size {config.batch_size} is larger than the dataset ({samples} samples per epoch); "
-                f"use a batch_size of at most {samples} or add images"
-            )
-        return config
-
-    @staticmethod
-    def preflight(host, config, memory_limit_gb: float = 0.0):
-        """The memory/time estimate for ``config`` on the host's device; NodeError when it cannot fit."""
-        from .estimate import GiB, Settings, estimate, read_model_shape, refusal_message
-
-        try:
-            shape = read_model_shape(config.checkpoint, config.family)
-        except Exception:  # a diffusers folder or an unreadable header: the loader will say what is wrong
-            return None
-        memory = host.device_memory()
-        free = int(memory_limit_gb * GiB) if memory_limit_gb and memory_limit_gb > 0 else memory["free"]
-        settings = Settings(
-            resolution=config.resolution,
-            batch_size=config.batch_size,
-            rank=config.rank,
-            precision=config.precision,
-            gradient_checkpointing=bool(getattr(config, "gradient_checkpointing", False)),
-            gradient_accumulation_steps=config.gradient_accumulation_steps,
-            steps=config.steps,
-        )
-        est = estimate(shape, settings, free, memory["type"], memory["name"], memory.get("cpu_count", 4))
-        if not est.fits:
-            raise NodeError(refusal_message(est))
-        return est
 
     @classmethod
-    def execute(
-        cls,
-        host,
-        checkpoint,
-        dataset,
-        steps,
-        learning_rate,
-        rank,
-        alpha,
-        resolution,
-        batch_size,
-        seed,
-        output_name,
-        precision="bf16",
-        trigger_word="",
-        overwrite=False,
-        gradient_checkpointing=False,
-        sample_every=0,
-        sample_prompt="",
-        save_every=0,
-        resume=False,
-        memory_limit_gb=0.0,
-        options=None,
-        node_id=None,
-    ) -> NodeResult:
+    def execute(cls, host, checkpoint, dataset, steps, learning_rate, rank, alpha, resolution, batch_size, seed,
+                output_name, precision="bf16", trigger_word="", overwrite=False, gradient_checkpointing=False,
+                sample_every=0, sample_prompt="", save_every=0, resume=False, memory_limit_gb=0.0, options=None,
+                node_id=None) -> NodeResult:
         from ..training.dataset import DatasetError
         from ..training.loop import train
-        from ..training.plot import loss_chart
-        from .runs import REGISTRY, progress_line, smoothed
 
         config = cls.build_config(
             host, checkpoint, dataset, steps, learning_rate, rank, alpha, resolution, batch_size, seed, output_name,
             precision, trigger_word, overwrite, gradient_checkpointing, sample_every, sample_prompt, save_every,
             resume, options,
         )
-        report = getattr(dataset, "report", None)
-        if report is not None and report.unreadable:
-            names = ", ".join(c.rel for c in report.unreadable[:5])
-            raise NodeError(
-                f"dataset: {len(report.unreadable)} image(s) cannot be read ({names}); remove or re-save them "
-                "(Load Dataset's report lists them)"
-            )
-        path = os.path.join(config.output_dir, config.output_name + ".safetensors")
-        if os.path.exists(path) and not overwrite:
-            raise NodeError(
-                f"output_name: models/loras/{config.output_name}.safetensors already exists; "
-                "choose another name or switch overwrite on"
-            )
-
-        clean_stale_saves(config.output_dir)
-        if getattr(config, "state_dir", ""):
-            clean_stale_saves(config.state_dir)
-        host.free_memory()  # ComfyUI's models go first: the estimate compares against what is then free
-        est = cls.preflight(host, config, memory_limit_gb)
+        estimate = preflight(host, config, dataset, memory_limit_gb)
         prompt_id, context_node = host.executing()
-        node = node_id if node_id is not None else context_node
-        record = REGISTRY.start(node, prompt_id, config.steps, config.output_name, {
+        reporter = RunReporter(host, config, node_id if node_id is not None else context_node, prompt_id, {
             "checkpoint": checkpoint, "steps": config.steps, "rank": config.rank, "resolution": config.resolution,
             "batch_size": config.batch_size, "learning_rate": config.learning_rate, "resume": bool(resume),
         })
-        run = record.run_id
-        ids = {"run_id": run, "node": record.node, "prompt_id": prompt_id}
-        if est is not None:
-            REGISTRY.update(run, estimate=est.to_dict())
-            host.progress_text(est.summary(), node)
-        host.send(RUN_EVENT, {**ids, "status": "starting", "total": config.steps, "name": config.output_name,
-                              "estimate": est.to_dict() if est else None})
-
-        progress = host.progress(config.steps, node)
-        meter = SpeedMeter()
-        state = {"preview": None, "chart_at": 0.0, "text_at": 0.0, "losses": [], "has_samples": False}
-
-        def on_event(event):
-            kind = event.get("type")
-            if kind == "start" and event.get("losses"):
-                # resumed: the earlier losses (kept in the state) come first, so the record, the live chart
-                # and the preview show the whole curve from step 1
-                history = [float(v) for v in event["losses"]]
-                start = int(event.get("start_step") or len(history))
-                first = max(0, start - len(history))
-                state["losses"] = list(history)
-                REGISTRY.update(run, losses=list(history), first_step=first, step=start, resumed_at=start,
-                                status="running")
-                host.send(RUN_EVENT, {**ids, "status": "running", "total": config.steps, "step": start,
-                                      "first_step": first, "resumed_at": start, "losses": history})
-            elif kind == "step":
-                step, total, loss = event["step"], event.get("total", config.steps), float(event["loss"])
-                meter.tick(step)
-                REGISTRY.add_step(run, step, total, loss, event.get("elapsed", 0.0))
-                state["losses"].append(loss)
-                rate, eta = meter.rate(), meter.eta(step, total)
-                smooth = smoothed(state["losses"][-200:])[-1]
-                host.send(PROGRESS_EVENT, {**ids, "step": step, "total": total, "loss": loss,
-                                           "elapsed": event.get("elapsed", 0.0), "rate": rate, "eta": eta})
-                now = time.monotonic()
-                preview = state.pop("preview", None)
-                state["preview"] = None
-                if preview is None and not state["has_samples"] and (
-                    now - state["chart_at"] >= PREVIEW_CHART_SECONDS or step == total
-                ):
-                    state["chart_at"] = now
-                    preview = loss_chart(state["losses"], 512, 288, f"{config.output_name} loss")
-                progress.update(step, total, preview=preview)
-                if now - state["text_at"] >= TEXT_SECONDS or step == total:
-                    state["text_at"] = now
-                    host.progress_text(progress_line(step, total, loss, smooth, rate, eta), node)
-            elif kind == "sample":
-                images = []
-                for index, value in enumerate(event.get("images") or event.get("paths") or []):
-                    try:
-                        image = _pil(value)
-                    except Exception as e:  # a sample must never end the run
-                        host.progress_text(f"sample image {index} unreadable: {e}", node)
-                        continue
-                    images.append(host.save_temp_image(image, f"loratrainer/{config.output_name}_sample"))
-                    if index == 0:
-                        state["preview"], state["has_samples"] = image, True
-                step = int(event.get("step", 0))
-                REGISTRY.add_sample(run, step, images, event.get("prompts"))
-                host.send(SAMPLE_EVENT, {**ids, "step": step, "images": images, "prompts": event.get("prompts") or []})
-            elif kind in ("saved", "checkpoint", "state"):
-                written = event.get("path", "")
-                entry = {"kind": event.get("kind") or kind, "path": os.path.basename(written),
-                         "step": event.get("step")}
-                REGISTRY.add_file(run, entry)
-                host.send(SAVED_EVENT, {**ids, **entry})
-            elif kind == "log" and event.get("message"):
-                host.progress_text(str(event["message"])[:300], node)
-
+        reporter.started(estimate)
         try:
-            result = train(config, events=on_event, should_stop=host.interrupted)
-        except (DatasetError, FileExistsError) as e:
-            REGISTRY.update(run, status="error", message=str(e))
-            host.send(RUN_EVENT, {**ids, "status": "error", "message": str(e)})
+            result = train(config, events=reporter, should_stop=host.interrupted)
+        except (DatasetError, FileExistsError) as e:  # the backend's refusals, in its words
+            reporter.failed(str(e))
             raise NodeError(str(e)) from None
         except BaseException as e:
-            REGISTRY.update(run, status="error", message=f"{type(e).__name__}: {e}")
-            host.send(RUN_EVENT, {**ids, "status": "error", "message": f"{type(e).__name__}: {e}"})
+            reporter.failed(f"{type(e).__name__}: {e}")
             raise
         finally:
             host.free_memory()  # give the device back to ComfyUI's other nodes
-        status = "interrupted" if result.stopped_early else "done"
-        file_name = os.path.relpath(result.path, config.output_dir) if result.path else ""
-        REGISTRY.update(run, status=status, message=file_name)
-        host.send(RUN_EVENT, {**ids, "status": status, "file": file_name, "step": result.steps_done,
-                              "total": config.steps})
+        file_name = reporter.finished(result)
         if result.stopped_early:
             host.raise_interrupt()  # the work is saved; tell ComfyUI the prompt was cancelled
         final = f"{result.losses[-1]:.4f}" if result.losses else "n/a"

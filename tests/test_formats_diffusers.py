@@ -1,7 +1,7 @@
 """Our kohya files through diffusers' own ``load_lora_weights``: the pipeline's UNet and text encoders then
 compute what the trained (peft-adapted) models compute.
 
-Where diffusers does not support the type (the README's "Where each type loads" table; these tests keep it
+Where diffusers does not support the type (the "Where each type loads" table of docs/formats.md; these tests keep it
 true): LoHa and LoKr files make ``load_lora_weights`` raise ValueError in its kohya key converter (nothing is
 loaded); DoRA files load with ``dora_scale`` dropped (a logged warning), i.e. as their plain LoRA part. Baked into
 plain LoRA (``bake="dora"``/``"all"``) they load, each module's change equal to the trained one up to the
@@ -166,7 +166,7 @@ def _layer_changes(models) -> dict:
 @pytest.mark.parametrize("family", ["sd1", "sdxl"])
 @pytest.mark.parametrize("variant", ["loha", "lokr", "lokr_full"])
 def test_diffusers_refuses_raw_loha_and_lokr_files(tmp_path, family, variant):
-    """README: diffusers' ``load_lora_weights`` cannot load our LoHa/LoKr exports. It raises in its kohya key
+    """docs/formats.md: diffusers' ``load_lora_weights`` cannot load our LoHa/LoKr exports. It raises in its kohya key
     converter, naming the LyCORIS keys it cannot rename, and leaves the UNet without an adapter."""
     trained = _trained(family, variant)
     tensors = export_kohya(family, unet=trained.unet, text_encoders=trained.text_encoders).tensors
@@ -184,7 +184,7 @@ def test_diffusers_refuses_raw_loha_and_lokr_files(tmp_path, family, variant):
 
 @pytest.mark.parametrize("family", ["sd1", "sdxl"])
 def test_diffusers_drops_dora_scale_and_loads_the_plain_lora_part(tmp_path, family):
-    """README: diffusers drops ``dora_scale`` (with a logged warning) and loads the rest as plain LoRA: the
+    """docs/formats.md: diffusers drops ``dora_scale`` (with a logged warning) and loads the rest as plain LoRA: the
     loaded pipeline computes what the same file without its dora_scale keys gives, not the trained model."""
     trained = _trained(family, "dora")
     tensors = export_kohya(family, unet=trained.unet, text_encoders=trained.text_encoders).tensors

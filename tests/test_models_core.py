@@ -176,7 +176,7 @@ def test_real_size_architectures_map_and_infer(family):
         assert vgot[k] == fam["vae"][k]
 
 
-# ------------------------------------------------------------------ module paths (lora-format.md section 3)
+# ------------------------------------------------------------------ module paths (docs/lora-format.md section 3)
 SDXL_TABLE = [
     ("down_blocks.1.attentions.0", "input_blocks.4.1"),
     ("down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q", "input_blocks.4.1.transformer_blocks.0.attn1.to_q"),

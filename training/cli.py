@@ -172,7 +172,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--seed", type=int, default=0)
     demo.set_defaults(func=cmd_demo)
 
-    train = sub.add_parser("train", help="train a LoRA from a TOML config (keys in the README)")
+    train = sub.add_parser("train", help="train a LoRA from a TOML config (keys in docs/configuration.md)")
     train.add_argument("config", help="path to CONFIG.toml")
     train.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config key (TOML value)")
     train.set_defaults(func=cmd_train)

@@ -1,4 +1,4 @@
-"""LoRA + LoRA merging without kohya's errors (lora-format.md §11).
+"""LoRA + LoRA merging without kohya's errors (docs/lora-format.md §11).
 
 ``exact``: for modules where every input is a plain LoRA, ``down`` blocks are stacked along the rank
 axis and ``up`` blocks side by side, each input's weight ``w_i`` and scale ``alpha_i / r_i`` folded into

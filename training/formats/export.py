@@ -1,6 +1,6 @@
 """Export peft adapters on diffusers/transformers models as kohya/LyCORIS tensors.
 
-Supported peft layers (lora-format.md §4, §6, §7):
+Supported peft layers (docs/lora-format.md §4, §6, §7):
 
 * ``LoraConfig`` Linear / Conv2d (LoRA, LoCon): ``lora_down``/``lora_up`` + ``alpha = scaling * r``
   (rsLoRA, alpha_pattern and rank_pattern included).

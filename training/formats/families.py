@@ -1,4 +1,4 @@
-"""Family ids and the metadata strings that name them (lora-format.md §9)."""
+"""Family ids and the metadata strings that name them (docs/lora-format.md §9)."""
 
 from __future__ import annotations
 

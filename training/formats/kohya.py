@@ -1,6 +1,6 @@
 """The in-memory LoRA value, its modules and deltas, and reading LoRA files of any supported style.
 
-Key layout (lora-format.md §1-4, §6): ``<lora_name>.<suffix>`` with LyCORIS suffixes
+Key layout (docs/lora-format.md §1-4, §6): ``<lora_name>.<suffix>`` with LyCORIS suffixes
 (``lora_down.weight``/``lora_up.weight``/``alpha`` for LoRA; ``hada_*``, ``lokr_*``, ``diff``,
 ``dora_scale``); names are built in :mod:`.names`, module semantics live in :mod:`.modules`.
 """

@@ -98,7 +98,7 @@ def common_alpha(tensors: dict, names, shared: float | None = None) -> None:
     module's own alpha/rank into its ``lora_up`` so every loader computes the same change.
 
     diffusers keeps only the most common alpha for attention modules (their ``alpha_pattern`` keys match
-    nothing; lora-format.md §8), so per-module alphas from SVD ranks would load wrong there.
+    nothing; docs/lora-format.md §8), so per-module alphas from SVD ranks would load wrong there.
     """
     from .names import ALPHA, DOWN, UP
 

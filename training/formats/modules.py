@@ -1,6 +1,6 @@
 """What one LoRA module in a kohya/LyCORIS file means: its kind, rank, scale and weight delta.
 
-Semantics are those of ComfyUI (``comfy/weight_adapter``) and A1111, which agree (lora-format.md §4, §6):
+Semantics are those of ComfyUI (``comfy/weight_adapter``) and A1111, which agree (docs/lora-format.md §4, §6):
 
 * LoRA / LoCon: ``(alpha / r) * up @ [mid] @ down``, r = ``lora_down.shape[0]``; no alpha -> scale 1.
 * LoHa: ``(alpha / r) * (w1_a @ w1_b) * (w2_a @ w2_b)`` (Tucker ``hada_t*`` for convs), r = ``w1_b.shape[0]``.

@@ -1,6 +1,6 @@
 """The one place that builds kohya LoRA module names, and maps them to checkpoint keys.
 
-kohya name = ``prefix + "_" + module_path.replace(".", "_")`` (lora-format.md §1-3):
+kohya name = ``prefix + "_" + module_path.replace(".", "_")`` (docs/lora-format.md §1-3):
 
 * UNet: ``lora_unet_<diffusers path>`` for SD1/SD2, ``lora_unet_<LDM/SAI path>`` for SDXL;
 * text encoders: ``lora_te_text_model_...`` (SD1/SD2), ``lora_te1_text_model_...`` /

@@ -1,4 +1,4 @@
-"""Atomic safetensors writing with the ``sshs_*`` hashes that A1111/Civitai read (lora-format.md §10).
+"""Atomic safetensors writing with the ``sshs_*`` hashes that A1111/Civitai read (docs/lora-format.md §10).
 
 * ``sshs_model_hash``: sha256 of the tensor-data section (everything after the 8-byte header length
   and the JSON header) of the bytes written.

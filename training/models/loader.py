@@ -441,7 +441,7 @@ def _finish(model, dtype, device):
 
 def load_base_model(path, tokenizer_dir=None, family=None, dtype=torch.float32, device="cpu") -> BaseModel:
     """Load a single-file LDM/SAI checkpoint (.safetensors; .ckpt only if weights_only-loadable) or a
-    diffusers folder, offline. See the module docstring and contracts.md."""
+    diffusers folder, offline. See the module docstring."""
     path = os.fspath(path)
     if os.path.isdir(path):
         return _load_diffusers_folder(path, tokenizer_dir, family, dtype, device)
