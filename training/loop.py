@@ -31,6 +31,7 @@ import torch
 
 from .adapters import apply_max_norm, attach_adapters, attach_dropout, check_quantize_available, \
     optimizer_param_groups, quantize_linear_4bit
+from .bnb_gate import bitsandbytes_hidden_unless, needs_bitsandbytes
 from .buckets import BatchPlan, assign_bucket, epoch_order, make_bucket_resolutions  # noqa: F401 (re-export)
 from .cache import LatentCache, TextCache, encode_distribution
 from .config import TrainConfig
@@ -106,7 +107,7 @@ def train(config: TrainConfig, base=None, events=None, should_stop=None) -> Trai
     stop = should_stop or (lambda: False)
     # Hosts such as ComfyUI run nodes under inference_mode; autograd needs it off, and every tensor on
     # the backward path must be created (models loaded, caches built) inside this block.
-    with torch.inference_mode(False), torch.enable_grad():
+    with torch.inference_mode(False), torch.enable_grad(), bitsandbytes_hidden_unless(needs_bitsandbytes(config)):
         try:
             return _Run(config, base, emit, stop).run()
         except OptionalDependencyError as e:
@@ -274,7 +275,9 @@ class _Run:
             self.log(f"QLoRA: {n} UNet linear layers stored in 4 bit (NF4)")
         # One .to(device, dtype) converts tensor by tensor: the device never holds the fp32 UNet (10 GB for
         # SDXL) on the way to bf16/fp16, which .to(device) followed by .to(dtype) did.
-        unet.to(device=device, dtype=weight_dtype if weight_dtype != torch.float32 else None)
+        from .models.loader import move_module
+
+        move_module(unet, device, weight_dtype if weight_dtype != torch.float32 else None)
         te_on_device = config.train_text_encoder or not (self.text_cache is not None and self.captions_fixed)
         for encoder in base.text_encoders:
             encoder.to(device if te_on_device else "cpu")
