@@ -3,6 +3,10 @@
 
     python tests/integration/make_example_workflows.py /path/to/object_info.json
 
+and the thumbnails from screenshots of the loaded examples (browser/user_check.mjs with examplesOnly):
+
+    python tests/integration/make_example_workflows.py thumbnails /path/to/screenshots
+
 The integration test tests/integration/test_workflows_examples.py converts and queues each file.
 """
 
@@ -208,6 +212,26 @@ def build(spec: dict, object_info: dict) -> dict:
     }
 
 
+def thumbnails(screenshots: str, width: int = 640) -> None:
+    """example_workflows/<name>.jpg (the template browser's thumbnails) from browser/user_check.mjs's screenshots
+    of each loaded example (run with examplesOnly): the graph's part of the page, trimmed, small JPEGs."""
+    from PIL import Image
+
+    for path in sorted(OUT.glob("*.json")):
+        shot = Image.open(Path(screenshots) / f"{path.stem}.png").convert("RGB")
+        w, h = shot.size
+        canvas = shot.crop((70, 85, w, h - 90))  # without the side bar, the tab and menu bars, the canvas toolbar
+        bright = canvas.convert("L").point(lambda v: 255 if v > 45 else 0)  # nodes and links, not the background
+        x0, y0, x1, y1 = bright.getbbox() or (0, 0, *canvas.size)
+        pad = 16
+        graph = canvas.crop((max(0, x0 - pad), max(0, y0 - pad), min(canvas.width, x1 + pad),
+                             min(canvas.height, y1 + pad)))
+        graph.thumbnail((width, width))
+        target = OUT / f"{path.stem}.jpg"
+        graph.save(target, "JPEG", quality=80, optimize=True)
+        print("wrote", target, graph.size, target.stat().st_size, "bytes")
+
+
 def main(object_info_path: str) -> None:
     object_info = json.loads(Path(object_info_path).read_text())
     OUT.mkdir(exist_ok=True)
@@ -218,4 +242,7 @@ def main(object_info_path: str) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1])
+    if sys.argv[1] == "thumbnails":
+        thumbnails(sys.argv[2])
+    else:
+        main(sys.argv[1])
