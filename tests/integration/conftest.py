@@ -29,18 +29,54 @@ SKIP_REASON = ("COMFYUI_DIR is not set: the integration suite needs a ComfyUI ch
                "(see tests/integration/comfy_server.py for setup)")
 
 
+def missing_requirements(comfyui_dir: Path, python: str) -> list[str]:
+    """Distributions named in COMFYUI_DIR/requirements.txt that ``python``'s environment lacks (torch aside).
+    Asked of a subprocess, since the server may run under COMFYUI_PYTHON."""
+    import re
+    import subprocess
+
+    names = []
+    try:
+        lines = (comfyui_dir / "requirements.txt").read_text().splitlines()
+    except OSError:
+        return []
+    for line in lines:
+        name = re.split(r"[<>=!~;\[\s#]", line.strip(), maxsplit=1)[0]
+        if name and not name.startswith("-") and name != "torch":
+            names.append(name)
+    probe = ("import importlib.metadata as m, sys\n"
+             "for n in sys.argv[1:]:\n"
+             "    try: m.version(n)\n"
+             "    except m.PackageNotFoundError: print(n)\n")
+    out = subprocess.run([python, "-c", probe, *names], capture_output=True, text=True, timeout=120)
+    return out.stdout.split()
+
+
 def pytest_collection_modifyitems(config, items):
     missing = cs.comfyui_dir_from_env() is None
+    comfyui_dir = cs.comfyui_dir_from_env()
+    if comfyui_dir is not None and any(_inside(item) for item in items):
+        python = os.environ.get("COMFYUI_PYTHON") or sys.executable
+        absent = missing_requirements(comfyui_dir, python)
+        if absent:
+            # one message instead of an error per test when the server cannot start
+            raise pytest.UsageError(
+                f"COMFYUI_DIR={comfyui_dir}: ComfyUI's requirements are not installed in {python} "
+                f"(missing: {', '.join(absent)}). Install them without touching torch:\n"
+                f"    tests/integration/setup_comfyui.sh {comfyui_dir} {python}")
     for item in items:
-        try:
-            inside = Path(str(item.fspath)).resolve().is_relative_to(_HERE)
-        except (OSError, ValueError):
-            inside = False
-        if not inside:
+        if not _inside(item):
             continue
         item.add_marker(pytest.mark.integration)
         if missing:
             item.add_marker(pytest.mark.skip(reason=SKIP_REASON))
+
+
+def _inside(item) -> bool:
+    try:
+        return Path(str(item.fspath)).resolve().is_relative_to(_HERE)
+    except (OSError, ValueError):
+        return False
 
 
 @pytest.fixture(scope="session")
