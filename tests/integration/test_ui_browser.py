@@ -32,7 +32,11 @@ import pytest
 HERE = Path(__file__).resolve().parent
 EXAMPLES = sorted(p.stem for p in (HERE.parents[1] / "example_workflows").glob("*.json"))
 CHECKPOINT_NODES = {"CheckpointLoaderSimple", "LoraTrainer_TrainLoRA"}
-PACKAGE_MARKS = ("comfyui-lora-trainer", "loratrainer", "lora_trainer", "LoraTrainer")
+# where the package's code runs in the page: its extension files (and their stack frames). The frontend's own
+# lookups of our node types in the registry (blocked offline) are not the package's errors.
+PACKAGE_CODE = "/extensions/comfyui-lora-trainer/"
+# what the error panels show besides the missing checkpoint: headings and buttons
+PANEL_LABELS = {"errors", "view details", "download", "download all"}
 
 
 def _playwright_dir() -> str | None:
@@ -89,6 +93,7 @@ def seen(comfy, comfy_base_dir, tmp_path_factory):
     assert lines, proc.stdout[-3000:] + proc.stderr[-3000:]
     result = json.loads(lines[-1][len("RESULT "):])
     result["folder"] = folder
+    (out / "result.json").write_text(json.dumps(result, indent=1))
     print(f"\n[browser] frontend {result.get('frontend')}: screenshots in {out}: "
           f"{sorted(p.name for p in out.glob('*.png'))}")
     assert result["ok"], f"{result.get('error')}\nsteps: {result['steps']}\nscreenshots: {out}"
@@ -106,7 +111,7 @@ def test_example_loads_clean(seen, name, comfy):
     kinds = {f"{r['id']} {r['type']}": r["type"] for r in page["rects"]}
     assert all(kinds[n] in CHECKPOINT_NODES for n in page["nodesWithErrors"]), page["nodesWithErrors"]
     for text in page["toasts"] + page["dialogs"] + page["errorPanels"]:
-        assert "model" in text.lower() or text.strip().lower() in ("view details", "download"), text
+        assert "model" in text.lower() or text.strip().lower() in PANEL_LABELS, text
     # the missing-model report files the checkpoint under "checkpoints" (not "Unknown") and offers its download
     assert "checkpoints" in page["modelPanel"] or any("checkpoints /" in line for line in page["modelPanel"])
     assert not [line for line in page["modelPanel"] if "unknown" in line.lower()], page["modelPanel"]
@@ -116,10 +121,10 @@ def test_example_loads_clean(seen, name, comfy):
 
 
 def test_no_console_errors_from_the_package(seen):
-    ours = [e for e in seen["consoleErrors"] if any(m in e["text"] + e["url"] for m in PACKAGE_MARKS)]
-    assert ours == []
-    assert [e for e in seen["pageErrors"] if any(m in e for m in PACKAGE_MARKS)] == []
-    assert [r for r in seen["failedRequests"] if any(m in r for m in PACKAGE_MARKS)] == []
+    assert [e for e in seen["consoleErrors"] if PACKAGE_CODE in e["text"] + e["url"]] == []
+    assert [e for e in seen["pageErrors"] if PACKAGE_CODE in e] == []
+    # the extension's files and the templates' files (workflows, thumbnails) are all served
+    assert [r for r in seen["failedRequests"] if PACKAGE_CODE in r or "/workflow_templates/comfyui-lora-trainer" in r] == []
 
 
 def test_run_button_trains_and_the_node_draws(seen):
