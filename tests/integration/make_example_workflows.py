@@ -41,6 +41,8 @@ SIZES = {
     "SaveImage": (320, 320), "LoraTrainer_TrainingOptions": (400, 1960), "LoraTrainer_MergeLoRAs": (300, 470),
     "ImageBatch": (240, 50),
 }
+# Room kept below a node that grows once it has run: Load Dataset adds its report and its preview grid.
+GROWS = {"LoraTrainer_LoadDataset": 470}
 TITLE_HEIGHT, GAP, ORIGIN = 30, 50, (40, 60)
 
 
@@ -160,7 +162,7 @@ def layout(spec: dict) -> dict:
         y = ORIGIN[1]
         for node_id in column:
             positions[node_id] = (x, y)
-            y += SIZES[kinds[node_id]][1] + TITLE_HEIGHT + GAP
+            y += max(SIZES[kinds[node_id]][1], GROWS.get(kinds[node_id], 0)) + TITLE_HEIGHT + GAP
         x += max(SIZES[kinds[node_id]][0] for node_id in column) + GAP
     assert sorted(positions) == sorted(kinds), "every node in exactly one column"
     return positions

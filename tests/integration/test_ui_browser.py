@@ -132,6 +132,7 @@ def test_run_button_trains_and_the_node_draws(seen):
     assert run["status"] == "done" and run["points"] >= 2 and run["losses"] >= 2
     assert run["samples"] >= 1 and run["sampleWidth"] > 0
     assert "step" in run["panelStatus"]
+    assert overlaps(seen["runRects"]) == [], "nodes overlap once they show their results"
 
 
 def test_cancel_button_stops_and_the_lora_list_shows_the_interrupted_file(seen, comfy_base_dir):

@@ -268,6 +268,7 @@ try {
     await clickRun();
     result.run = await waitRun(trainId, (s) => s.status === "done" && s.points >= 2 && s.sampleWidth > 0, 480_000);
     result.runGraph = await page.evaluate(() => String(window.app.graph.id));
+    result.runRects = (await inspectGraph()).rects; // nodes that grew with their results (Load Dataset's report)
     await screenshot(path.join(cfg.outDir, "run_train_sdxl.png"));
 
     // 3. a longer training stopped with the Cancel button; the LoRA list of an Apply LoRA node on the canvas updates
