@@ -83,6 +83,9 @@ def test_examples_run_out_of_the_box(name, object_info):
 def test_train_and_test_sd15(comfy, comfy_base_dir, object_info, sd15_checkpoint):
     workflow = shrink(load("train_and_test_sd15"), object_info, sd15_checkpoint, "ex1", sample_every=2,
                       sample_prompt="a red circle")
+    # a resolution no other test gives the bundled sample: ComfyUI would run a cached Load Dataset not at all,
+    # and its report would be missing from this prompt's outputs
+    set_widget(workflow, 1, "resolution", 192, object_info)
     prompt = ui_to_api(workflow, object_info)
     for node in prompt.values():
         if node["class_type"] == "LoraTrainer_TrainLoRA":
