@@ -37,6 +37,15 @@ def import_comfyui(comfyui_dir: str):
     return comfy.sd, nodes_train
 
 
+def comfyui_version(comfyui_dir: str) -> str | None:
+    try:
+        from comfyui_version import __version__
+
+        return __version__
+    except ImportError:
+        return None
+
+
 def core_inputs(comfy_sd, checkpoint, resolution):
     import torch
 
@@ -88,15 +97,33 @@ def core_step_stamps(nodes_train, stamps: list):
         nodes_train.TrainSampler.__init__ = original
 
 
+def run_core(nodes_train, model, latents, positive, steps, rank, seed) -> dict:
+    """Core's TrainLoraNode with the bench's settings; returns its loss map. 0.3.64: a V1 node, ``train(...)``
+    with positional inputs, returning (model, lora, loss, steps). 0.33: a V3 node whose ``execute`` takes every
+    input as a list (``is_input_list``: one latent batch, one conditioning list with an entry per image) and
+    returns (lora, loss, steps)."""
+    node = nodes_train.TrainLoraNode
+    if hasattr(node, "train"):
+        out = node().train(model, latents, positive, 1, steps, 1, 1e-4, rank, "AdamW", "MSE", seed, "bf16", "bf16",
+                           "LoRA", False, "[None]")
+    else:
+        inputs = dict(model=model, latents=latents, positive=positive, batch_size=1, steps=steps,
+                      grad_accumulation_steps=1, learning_rate=1e-4, rank=rank, optimizer="AdamW",
+                      loss_function="MSE", seed=seed, training_dtype="bf16", lora_dtype="bf16",
+                      quantized_backward=False, algorithm="LoRA", gradient_checkpointing=False, checkpoint_depth=1,
+                      offloading=False, existing_lora="[None]", bucket_mode=False, bypass_mode=False)
+        out = node.execute(**{name: [value] for name, value in inputs.items()}).result
+    return next(value for value in out if isinstance(value, dict) and "loss" in value)
+
+
 def time_core(nodes_train, model, latents, positive, steps, rank, seed):
     import torch
 
-    node, stamps = nodes_train.TrainLoraNode(), []
+    stamps = []
     with core_step_stamps(nodes_train, stamps), measured() as m, torch.inference_mode():
-        out = node.train(model, latents, positive, 1, steps, 1, 1e-4, rank, "AdamW", "MSE", seed, "bf16", "bf16",
-                         "LoRA", False, "[None]")
+        loss = run_core(nodes_train, model, latents, positive, steps, rank, seed)
     return {"seconds_per_step": seconds_per_step(stamps), "seconds_node": m.seconds, **rss_figures(m),
-            "final_loss": out[2]["loss"][-1]}
+            "final_loss": loss["loss"][-1]}
 
 
 def time_ours(checkpoint, tokenizer, steps, rank, resolution, seed, target="attention"):
@@ -142,6 +169,7 @@ def bench_comfy_core(comfyui_dir: str, steps=12, rank=8, resolution=64, seed=0, 
     best = {side: min(rows, key=lambda r: r["seconds_per_step"]) for side, rows in runs.items()}
     return {
         "name": "comfyui: ours vs core TrainLoraNode (random SD1.5-shaped checkpoint, same process)",
+        "comfyui_version": comfyui_version(comfyui_dir),
         "settings": {"steps": steps, "rank": rank, "resolution": resolution, "batch_size": 1, "precision": "bf16",
                      "repeats": repeats, "core_gradient_checkpointing": False,
                      "targets": "core: every Linear/Conv + norms/biases (its fixed behaviour); "

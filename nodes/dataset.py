@@ -7,9 +7,19 @@ import os
 from .spec import DATASET, In, NodeError, NodeResult, NodeSpec, Out, node_id
 
 
+_TRAINING = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "training")
+# Datasets that ship with the package (eight 96 px toy images with captions each), listed after the input
+# folder's own so that the example workflows run out of the box. A bundled name wins over an input folder of
+# the same name.
+SAMPLE_DATASETS = {
+    "sample: shapes": os.path.join(_TRAINING, "sample_dataset"),
+    "sample: patterns": os.path.join(_TRAINING, "sample_patterns"),
+}
+
+
 def dataset_folders(host) -> list[str]:
-    """Load Dataset's list: :func:`image_folders`, or a line saying where to put one."""
-    return image_folders(host) or ["(put a folder of images into ComfyUI's input folder)"]
+    """Load Dataset's list: :func:`image_folders`, then the bundled samples (``SAMPLE_DATASETS``)."""
+    return image_folders(host) + list(SAMPLE_DATASETS)
 
 
 def image_folders(host) -> list[str]:
@@ -30,7 +40,9 @@ def image_folders(host) -> list[str]:
 
 
 def resolve_folder(host, folder: str) -> str:
-    """The dataset folder must lie inside the input directory (no '..', no absolute paths)."""
+    """A bundled sample, or a folder that lies inside the input directory (no '..', no absolute paths)."""
+    if folder in SAMPLE_DATASETS:
+        return SAMPLE_DATASETS[folder]
     root = os.path.realpath(host.input_directory())
     path = os.path.realpath(os.path.join(root, folder))
     if os.path.isabs(folder) or os.path.commonpath([root, path]) != root:
@@ -68,7 +80,8 @@ class LoadDataset(NodeSpec):
         "preview grid frames problem images in colour."
     )
     inputs = [
-        In("folder", "COMBO", options=dataset_folders, tooltip="a folder inside ComfyUI's input folder"),
+        In("folder", "COMBO", options=dataset_folders,
+           tooltip="a folder inside ComfyUI's input folder, or a bundled sample (sample: ...) to try things out"),
         In(
             "resolution", "INT", default=512, min=64, max=4096, step=64, optional=True,
             tooltip="the training resolution, for the report's buckets and small-image check",

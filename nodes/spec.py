@@ -81,3 +81,9 @@ class NodeError(ValueError):
 
     def __str__(self) -> str:
         return self.message
+
+
+# ComfyUI imports a custom node folder under its file path and shows an error's type as
+# ``<module>.<qualname>`` (execution.full_type_name), so the dialog read
+# ``/.../custom_nodes/comfyui-lora-trainer.nodes.spec.NodeError``. The installed package's name is the clean one.
+NodeError.__module__ = "comfyui_lora_trainer.nodes.spec"

@@ -45,7 +45,7 @@ def test_node_ids_carry_the_prefix_and_are_unique():
 
 
 def test_load_dataset_lists_input_folders_and_refuses_escape(host):
-    assert dataset_folders(host) == ["shapes"]
+    assert dataset_folders(host) == ["shapes", "sample: shapes", "sample: patterns"]
     dataset, report, grid = LoadDataset.execute(host, folder="shapes").values
     assert dataset.num_images == 8 and "8 images" in report
     assert grid.ndim == 4 and grid.shape[0] == 1 and grid.shape[-1] == 3
@@ -55,6 +55,14 @@ def test_load_dataset_lists_input_folders_and_refuses_escape(host):
     with open(os.path.join(host.input_directory(), "shapes", "00_red_circle.txt"), "w") as f:
         f.write("changed caption")
     assert LoadDataset.fingerprint(host, folder="shapes") != first
+
+
+def test_load_dataset_offers_the_bundled_samples(host):
+    # the example workflows train on these, so they must load with an empty input folder
+    for name in ("sample: shapes", "sample: patterns"):
+        dataset, report, _ = LoadDataset.execute(host, folder=name).values
+        assert dataset.num_images == 8 and "8 images" in report, name
+        assert not dataset.report.unreadable, name
 
 
 def test_train_writes_file_returns_lora_and_loss(host):

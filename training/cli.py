@@ -100,6 +100,7 @@ def free_name(directory: str, stem: str, ext: str) -> str:
 
 
 def cmd_demo(args) -> int:
+    from .bnb_gate import bitsandbytes_hidden_unless
     from .config import TrainConfig
     from .loop import train
     from .models import tiny_tokenizer_dir, write_tiny_checkpoint
@@ -109,7 +110,8 @@ def cmd_demo(args) -> int:
     os.makedirs(out, exist_ok=True)
     dataset = os.path.join(os.path.dirname(os.path.abspath(__file__)), "sample_dataset")
     name = free_name(out, "demo_lora", ".safetensors")
-    with tempfile.TemporaryDirectory() as scratch:
+    # the tiny model is built before train() (which gates bitsandbytes itself): gate it here too
+    with tempfile.TemporaryDirectory() as scratch, bitsandbytes_hidden_unless(False):
         checkpoint = write_tiny_checkpoint(os.path.join(scratch, "tiny_sd1.safetensors"), family="sd1", seed=0)
         config = TrainConfig(
             checkpoint=checkpoint,

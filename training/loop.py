@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .bnb_gate import bitsandbytes_hidden_unless, needs_bitsandbytes
 from .config import TrainConfig
 from .continuation import Continuation
 from .loss import Objective
@@ -59,7 +60,7 @@ def train(config: TrainConfig, base=None, events=None, should_stop=None) -> Trai
     config.validate()
     # Hosts such as ComfyUI run nodes under inference_mode; autograd needs it off, and every tensor on
     # the backward path must be created (models loaded, caches built) inside this block.
-    with torch.inference_mode(False), torch.enable_grad():
+    with torch.inference_mode(False), torch.enable_grad(), bitsandbytes_hidden_unless(needs_bitsandbytes(config)):
         try:
             return _train(config, base, events or (lambda event: None), should_stop or (lambda: False))
         except OptionalDependencyError as e:

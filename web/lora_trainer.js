@@ -19,10 +19,67 @@ export const EVENTS = {
 const TRAIN_NODE = "LoraTrainer_TrainLoRA";
 const DATASET_NODE = "LoraTrainer_LoadDataset";
 
-const runs = new Map(); // node id (string) -> RunState
-const panels = new Map(); // node id (string) -> panel
-// for tests and for curious users: window.__loratrainer.runs.get("<node id>")
-window.__loratrainer = { runs, panels };
+// A run belongs to a node of one workflow: node ids repeat across workflows (every example's Train LoRA is
+// node 3), so runs are keyed by the workflow that queued their prompt and the node id. The frontend tells us
+// which workflow queued which prompt (api.queuePrompt below); kept in localStorage so a reloaded page, or a
+// second tab, still matches the server's run records.
+const runs = new Map(); // runKey(workflow, node) -> RunState
+const panels = new Map(); // node id (string) -> panel of that node in the graph shown now
+const PROMPTS_KEY = "loratrainer.promptWorkflows";
+const MAX_PROMPTS = 200;
+const promptWorkflows = new Map(loadPromptWorkflows()); // prompt id -> workflow id
+
+function loadPromptWorkflows() {
+  try {
+    const entries = JSON.parse(window.localStorage?.getItem(PROMPTS_KEY) || "[]");
+    return Array.isArray(entries) ? entries.filter((e) => Array.isArray(e) && e.length === 2) : [];
+  } catch {
+    return [];
+  }
+}
+
+function rememberPrompt(promptId, workflowId) {
+  if (!promptId || !workflowId) return;
+  promptWorkflows.set(String(promptId), String(workflowId));
+  while (promptWorkflows.size > MAX_PROMPTS) promptWorkflows.delete(promptWorkflows.keys().next().value);
+  try {
+    window.localStorage?.setItem(PROMPTS_KEY, JSON.stringify([...promptWorkflows]));
+  } catch {
+    /* storage full or disabled: matching still works until the page reloads */
+  }
+}
+
+/** The workflow shown now: the graph's id (a uuid every saved workflow carries). */
+function currentWorkflow() {
+  const id = app.graph?.id;
+  return id ? String(id) : null;
+}
+
+function runKey(workflowId, nodeId) {
+  return `${workflowId}|${nodeId}`;
+}
+
+/** The key of a server run: its prompt's workflow, when this browser queued it; otherwise it matches no node. */
+function keyOfRun(promptId, nodeId) {
+  return runKey(promptWorkflows.get(String(promptId)) ?? `prompt:${promptId}`, nodeId);
+}
+
+/** The run shown on node ``nodeId`` of the workflow shown now, if any. */
+function runFor(nodeId) {
+  const workflow = currentWorkflow();
+  return workflow ? runs.get(runKey(workflow, nodeId)) : undefined;
+}
+
+// for tests and for curious users: window.__loratrainer.runFor("<node id>")
+window.__loratrainer = { runs, panels, runFor, promptWorkflows };
+
+// Remember which workflow each queued prompt came from (the Run button and app.queuePrompt both end here).
+const queuePrompt = api.queuePrompt;
+api.queuePrompt = async function (number, data, ...rest) {
+  const response = await queuePrompt.call(this, number, data, ...rest);
+  rememberPrompt(response?.prompt_id, data?.workflow?.id ?? currentWorkflow());
+  return response;
+};
 
 function css(el, styles) {
   Object.assign(el.style, styles);
@@ -123,8 +180,9 @@ function nodeFor(id) {
   return app.graph.getNodeById(Number(id)) ?? app.graph.getNodeById(id) ?? null;
 }
 
+/** Re-draw node ``nodeId`` of the workflow shown now from its run, if it has one. */
 function refresh(nodeId) {
-  const state = runs.get(String(nodeId));
+  const state = runFor(nodeId);
   const node = nodeFor(nodeId);
   if (!state || !node || node.comfyClass !== TRAIN_NODE) return;
   draw(panelFor(node), state);
@@ -135,22 +193,30 @@ function onMessage(type) {
   return (event) => {
     const data = event.detail || {};
     if (data.node == null) return;
-    const key = String(data.node);
+    const key = keyOfRun(data.prompt_id, data.node);
     let state = runs.get(key);
     if (!state) runs.set(key, (state = new RunState(data.run_id)));
-    if (state.apply(type, data)) refresh(key);
+    if (state.apply(type, data)) refresh(String(data.node));
   };
 }
 
 let refreshing = null;
+let refreshAgain = false;
 async function refreshLoraLists() {
-  // several files may land at once (checkpoint + state + final): refresh once
-  if (refreshing) return refreshing;
+  // Several files land close together (state file, then the LoRA ~2 s later): one refresh at a time, and one
+  // more after it when a file was written while it ran, so the last file always makes it into the lists.
+  if (refreshing) {
+    refreshAgain = true;
+    return refreshing;
+  }
   refreshing = (async () => {
     try {
-      if (typeof app.refreshComboInNodes === "function") await app.refreshComboInNodes();
+      do {
+        refreshAgain = false;
+        if (typeof app.refreshComboInNodes === "function") await app.refreshComboInNodes();
+      } while (refreshAgain);
     } finally {
-      setTimeout(() => (refreshing = null), 500);
+      refreshing = null;
     }
   })();
   return refreshing;
@@ -168,18 +234,19 @@ export async function restoreRuns() {
   }
   const newest = new Map();
   for (const summary of list) {
-    if (summary.node == null) continue;
-    const prior = newest.get(String(summary.node));
-    if (!prior || prior.started <= summary.started) newest.set(String(summary.node), summary);
+    if (summary.node == null || !promptWorkflows.has(String(summary.prompt_id))) continue; // not queued here
+    const key = keyOfRun(summary.prompt_id, summary.node);
+    const prior = newest.get(key);
+    if (!prior || prior.started <= summary.started) newest.set(key, summary);
   }
-  for (const [nodeId, summary] of newest) {
-    const shown = runs.get(nodeId);
+  for (const [key, summary] of newest) {
+    const shown = runs.get(key);
     if (shown && shown.runId === summary.run_id && shown.status === summary.status && shown.step === summary.step) continue;
     try {
       const response = await api.fetchApi(`/loratrainer/runs/${summary.run_id}`, { cache: "no-store" });
       if (!response.ok) continue;
-      runs.set(nodeId, RunState.fromRecord(await response.json()));
-      refresh(nodeId);
+      runs.set(key, RunState.fromRecord(await response.json()));
+      refresh(String(summary.node));
     } catch {
       /* the next message fills it in */
     }
@@ -201,11 +268,20 @@ app.registerExtension({
   async nodeCreated(node) {
     if (node.comfyClass === TRAIN_NODE) {
       panelFor(node);
-      if (runs.has(String(node.id))) refresh(node.id);
+      refresh(node.id);
     }
   },
   async loadedGraphNode(node) {
-    if (node.comfyClass === TRAIN_NODE && runs.has(String(node.id))) refresh(node.id);
+    if (node.comfyClass === TRAIN_NODE) refresh(node.id);
+  },
+  async afterConfigureGraph() {
+    // another workflow is shown: its Train LoRA nodes show their own runs (or none), never the last graph's
+    for (const node of app.graph?._nodes ?? []) {
+      if (node.comfyClass === TRAIN_NODE) {
+        panelFor(node);
+        refresh(node.id);
+      }
+    }
   },
   async beforeRegisterNodeDef(nodeType, nodeData) {
     if (nodeData.name !== DATASET_NODE) return;

@@ -6,30 +6,21 @@ The integration suite (``tests/integration``) is skipped unless the environment 
 ``COMFYUI_DIR`` points at a ComfyUI checkout that can run ``python main.py``. ComfyUI's code is never
 part of this repository; set it up once, outside the repo, e.g.::
 
-    # 1. get ComfyUI (any way you like: git clone https://github.com/Comfy-Org/ComfyUI, or a mirror);
-    #    tested with v0.3.64. In this workspace a git dir is exported into a plain folder with
-    /work/shared/tools/comfyui-export /work/.mirror/Comfy-Org+ComfyUI/repo /work/comfyui
+    # 1. get ComfyUI (tested: 0.3.64, the oldest supported, and 0.33.0), outside this repository:
+    git clone --depth 1 --branch v0.33.0 https://github.com/Comfy-Org/ComfyUI ../ComfyUI-0.33.0
 
-    # 2. install ComfyUI's requirements into the SAME venv that has this package installed, without
-    #    touching the torch stack or the versions this package was tested with:
-    /work/venv/bin/pip freeze | grep -v -e '^#' -e '^-e' > /tmp/constraints.txt   # pins torch==2.14.1,
-    #       torchvision==0.29.1, transformers, diffusers, peft, accelerate, safetensors, numpy, ...
-    grep -v -x -E 'torch|torchvision|torchaudio' /work/comfyui/requirements.txt > /tmp/comfy-req.txt
-    /work/venv/bin/pip install -r /tmp/comfy-req.txt -c /tmp/constraints.txt
-    /work/venv/bin/pip install torchvision==0.29.1 -c /tmp/constraints.txt   # if it is missing
-    /work/venv/bin/pip install torchaudio -c /tmp/constraints.txt || true     # optional: ComfyUI runs without it
+    # 2. a venv per ComfyUI version (their frontends differ) with this package installed, then ComfyUI's
+    #    requirements without touching torch, and a start-up check:
+    tests/integration/setup_comfyui.sh ../ComfyUI-0.33.0 .venv-comfy033/bin/python
 
-    # 3. check it starts:
-    (cd /work/comfyui && /work/venv/bin/python main.py --cpu --quick-test-for-ci)
-
-    # 4. run the suite (from the repository root):
-    COMFYUI_DIR=/work/comfyui /work/venv/bin/python -m pytest tests/integration -v
+    # 3. run the suite (from the repository root):
+    COMFYUI_DIR=../ComfyUI-0.33.0 .venv-comfy033/bin/python -m pytest tests/integration -ra
 
 Optional environment: ``COMFYUI_PYTHON`` (interpreter for the server; default: the one running
 pytest), ``COMFYUI_START_TIMEOUT`` (seconds to wait for the server; default 180),
 ``COMFYUI_KEEP_DIR=1`` (keep the temporary base directory ``/tmp/comfyui-it-*`` with its
-``comfyui.log``; it is also kept, and its path printed, when a test failed). Steps 1-3 are scripted
-in ``tests/integration/setup_comfyui.sh``.
+``comfyui.log``; it is also kept, and its path printed, when a test failed). ``.ci/run`` does all
+of this for both tested versions.
 
 What the server looks like
 ==========================

@@ -29,18 +29,51 @@ SKIP_REASON = ("COMFYUI_DIR is not set: the integration suite needs a ComfyUI ch
                "(see tests/integration/comfy_server.py for setup)")
 
 
+def missing_requirements(comfyui_dir: Path, python: str) -> list[str]:
+    """Distributions named in COMFYUI_DIR/requirements.txt that ``python``'s environment lacks (torch aside).
+    Asked of a subprocess, since the server may run under COMFYUI_PYTHON."""
+    import re
+    import subprocess
+
+    names = []
+    try:
+        lines = (comfyui_dir / "requirements.txt").read_text().splitlines()
+    except OSError:
+        return []
+    for line in lines:
+        name = re.split(r"[<>=!~;\[\s#]", line.strip(), maxsplit=1)[0]
+        if name and not name.startswith("-") and name != "torch":
+            names.append(name)
+    probe = ("import importlib.metadata as m, sys\n"
+             "for n in sys.argv[1:]:\n"
+             "    try: m.version(n)\n"
+             "    except m.PackageNotFoundError: print(n)\n")
+    out = subprocess.run([python, "-c", probe, *names], capture_output=True, text=True, timeout=120)
+    return out.stdout.split()
+
+
 def pytest_collection_modifyitems(config, items):
     missing = cs.comfyui_dir_from_env() is None
+    comfyui_dir = cs.comfyui_dir_from_env()
+    if comfyui_dir is not None and any(_inside(item) for item in items):
+        python = os.environ.get("COMFYUI_PYTHON") or sys.executable
+        absent = missing_requirements(comfyui_dir, python)
+        if absent:
+            # one message instead of an error per test when the server cannot start
+            raise pytest.UsageError(
+                f"COMFYUI_DIR={comfyui_dir}: ComfyUI's requirements are not installed in {python} "
+                f"(missing: {', '.join(absent)}). Install them without touching torch:\n"
+                f"    tests/integration/setup_comfyui.sh {comfyui_dir} {python}")
     for item in items:
-        try:
-            inside = Path(str(item.fspath)).resolve().is_relative_to(_HERE)
-        except (OSError, ValueError):
-            inside = False
-        if not inside:
+        if not _inside(item):
             continue
         item.add_marker(pytest.mark.integration)
         if missing:
             item.add_marker(pytest.mark.skip(reason=SKIP_REASON))
+
+
+def _inside(item) -> bool:
+    return _inside_path(item.fspath)
 
 
 @pytest.fixture(scope="session")
@@ -101,3 +134,42 @@ def sd15_checkpoint(comfy_base_dir, comfy_server) -> str:
         sys.stderr.write(f"\n[comfy] wrote {path.name} ({path.stat().st_size / 2**30:.2f} GiB) "
                          f"in {time.monotonic() - t0:.1f} s\n")
     return name
+
+
+# -- CI: a skipped integration or browser test is a failure ------------------------------------------------------
+# .ci/run sets CI=true and LORATRAINER_REQUIRE_INTEGRATION=1 for its integration parts: there a skip means the
+# product was not checked in ComfyUI (no ComfyUI, no browser...). Only tests that need a GPU may skip.
+GPU_WORDS = ("gpu", "cuda")
+
+
+def _require_integration() -> bool:
+    return os.environ.get("CI", "").lower() == "true" and os.environ.get("LORATRAINER_REQUIRE_INTEGRATION") == "1"
+
+
+_skipped: list[str] = []
+
+
+def pytest_runtest_logreport(report):
+    if report.skipped and _require_integration():
+        reason = str(report.longrepr[-1] if isinstance(report.longrepr, tuple) else report.longrepr)
+        if _inside_path(report.fspath) and not any(w in reason.lower() for w in GPU_WORDS):
+            _skipped.append(f"{report.nodeid}: {reason}")
+
+
+def _inside_path(fspath) -> bool:
+    try:
+        return Path(str(fspath)).resolve().is_relative_to(_HERE)
+    except (OSError, ValueError):
+        return False
+
+
+def pytest_sessionfinish(session, exitstatus):
+    if _skipped:
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
+
+
+def pytest_terminal_summary(terminalreporter):
+    if _skipped:
+        terminalreporter.section("skipped integration tests fail in CI")
+        for line in _skipped:
+            terminalreporter.write_line(line)

@@ -3,6 +3,10 @@
 
     python tests/integration/make_example_workflows.py /path/to/object_info.json
 
+and the thumbnails from screenshots of the loaded examples (browser/user_check.mjs with examplesOnly):
+
+    python tests/integration/make_example_workflows.py thumbnails /path/to/screenshots
+
 The integration test tests/integration/test_workflows_examples.py converts and queues each file.
 """
 
@@ -16,8 +20,30 @@ from workflow_api import widget_inputs
 
 OUT = Path(__file__).resolve().parents[2] / "example_workflows"
 
-SD15 = "v1-5-pruned-emaonly.safetensors"
+SD15 = "v1-5-pruned-emaonly-fp16.safetensors"
 SDXL = "sd_xl_base_1.0.safetensors"
+# The frontend's template convention (node properties "models": name, url, directory): its missing-models
+# panel offers the download and files it under the right folder (for our Train LoRA too, which it does not know).
+MODELS = {
+    SD15: "https://huggingface.co/Comfy-Org/stable-diffusion-v1-5-archive/resolve/main/v1-5-pruned-emaonly-fp16.safetensors",
+    SDXL: "https://huggingface.co/stabilityai/stable-diffusion-xl-base-1.0/resolve/main/sd_xl_base_1.0.safetensors",
+}
+CHECKPOINT_WIDGETS = {"CheckpointLoaderSimple": "ckpt_name", "LoraTrainer_TrainLoRA": "checkpoint"}
+# Load Dataset's bundled samples (nodes/dataset.py SAMPLE_DATASETS): the examples run before the user has data
+SHAPES, PATTERNS = "sample: shapes", "sample: patterns"
+
+# Node sizes: at least what both frontends (1.27.10, 1.49.6) compute for the node (LGraphNode.computeSize; Train
+# LoRA includes its live panel), or they grow on load and cover their neighbours; image nodes get room to show one.
+SIZES = {
+    "LoraTrainer_LoadDataset": (300, 130), "PreviewImage": (300, 300), "LoraTrainer_TrainLoRA": (400, 760),
+    "LossGraphNode": (300, 300), "CheckpointLoaderSimple": (320, 100), "LoraTrainer_ApplyLoRA": (320, 170),
+    "CLIPTextEncode": (400, 200), "EmptyLatentImage": (300, 110), "KSampler": (320, 270), "VAEDecode": (210, 50),
+    "SaveImage": (320, 320), "LoraTrainer_TrainingOptions": (400, 1960), "LoraTrainer_MergeLoRAs": (300, 470),
+    "ImageBatch": (240, 50),
+}
+# Room kept below a node that grows once it has run: Load Dataset adds its report and its preview grid.
+GROWS = {"LoraTrainer_LoadDataset": 470}
+TITLE_HEIGHT, GAP, ORIGIN = 30, 50, (40, 60)
 
 
 def train_values(checkpoint, steps, resolution, rank, output_name, sample_every=0, prompt="", **extra):
@@ -33,27 +59,31 @@ def sampler(seed=7, steps=20, cfg=7.0):
     return dict(seed=seed, steps=steps, cfg=cfg, sampler_name="euler", scheduler="normal", denoise=1.0)
 
 
+APPLY = dict(strength_model=1.0, strength_clip=1.0, lora_name="(none: use the lora input)")
+
+# Each workflow: nodes (id, type, widget values), columns of node ids (laid out left to right, each column's
+# nodes top to bottom, sized by SIZES), links (from node, output slot, to node, input name).
 WORKFLOWS = {
     "train_and_test_sd15": {
         "title": "Train a LoRA on SD1.5, then test it: Load Dataset -> Train LoRA -> Apply LoRA -> KSampler",
         "nodes": [
-            (1, "LoraTrainer_LoadDataset", dict(folder="my_dataset", resolution=512), (40, 60)),
-            (2, "PreviewImage", {}, (40, 420)),
+            (1, "LoraTrainer_LoadDataset", dict(folder=SHAPES, resolution=512)),
+            (2, "PreviewImage", {}),
             (3, "LoraTrainer_TrainLoRA", train_values(SD15, 500, 512, 16, "my_sd15_lora", 100,
-                                                      "a photo of sks dog"), (420, 60)),
-            (4, "LossGraphNode", dict(filename_prefix="loss_graph"), (900, 60)),
-            (5, "CheckpointLoaderSimple", dict(ckpt_name=SD15), (420, 700)),
-            (6, "LoraTrainer_ApplyLoRA", dict(strength_model=1.0, strength_clip=1.0,
-                                              lora_name="(none: use the lora input)"), (900, 420)),
-            (7, "CLIPTextEncode", dict(text="a photo of sks dog on the beach"), (1260, 300)),
-            (8, "CLIPTextEncode", dict(text="blurry, low quality"), (1260, 520)),
-            (9, "EmptyLatentImage", dict(width=512, height=512, batch_size=1), (1260, 740)),
-            (10, "KSampler", sampler(), (1620, 300)),
-            (11, "VAEDecode", {}, (1980, 300)),
-            (12, "SaveImage", dict(filename_prefix="lora_test"), (2220, 300)),
+                                                      "shapetoy, a red circle on a white background")),
+            (4, "LossGraphNode", dict(filename_prefix="loss_graph")),
+            (5, "CheckpointLoaderSimple", dict(ckpt_name=SD15)),
+            (6, "LoraTrainer_ApplyLoRA", dict(APPLY)),
+            (7, "CLIPTextEncode", dict(text="shapetoy, a blue circle on a white background")),
+            (8, "CLIPTextEncode", dict(text="blurry, low quality")),
+            (9, "EmptyLatentImage", dict(width=512, height=512, batch_size=1)),
+            (10, "KSampler", sampler()),
+            (11, "VAEDecode", {}),
+            (12, "SaveImage", dict(filename_prefix="lora_test")),
         ],
+        "columns": [[1, 2], [3], [4, 5, 6], [7, 8, 9], [10], [11, 12]],
         "links": [
-            (1, 0, 2, "images"), (1, 0, 3, "dataset"), (3, 1, 4, "loss"), (5, 0, 6, "model"), (5, 1, 6, "clip"),
+            (1, 2, 2, "images"), (1, 0, 3, "dataset"), (3, 1, 4, "loss"), (5, 0, 6, "model"), (5, 1, 6, "clip"),
             (3, 0, 6, "lora"), (6, 1, 7, "clip"), (6, 1, 8, "clip"), (6, 0, 10, "model"), (7, 0, 10, "positive"),
             (8, 0, 10, "negative"), (9, 0, 10, "latent_image"), (10, 0, 11, "samples"), (5, 2, 11, "vae"),
             (11, 0, 12, "images"),
@@ -63,50 +93,49 @@ WORKFLOWS = {
         "title": "Train a LoRA on SDXL at 1024 px with gradient checkpointing, sample images every 100 steps and "
                  "Training Options (cosine schedule with warmup, min-SNR 5, noise offset)",
         "nodes": [
-            (1, "LoraTrainer_LoadDataset", dict(folder="my_dataset", resolution=1024), (40, 60)),
-            (2, "PreviewImage", {}, (40, 420)),
+            (1, "LoraTrainer_LoadDataset", dict(folder=SHAPES, resolution=1024)),
+            (2, "PreviewImage", {}),
             (3, "LoraTrainer_TrainLoRA", train_values(SDXL, 1000, 1024, 16, "my_sdxl_lora", 100,
-                                                      "a photo of sks dog", gradient_checkpointing=True,
-                                                      save_every=250), (420, 60)),
-            (4, "LossGraphNode", dict(filename_prefix="sdxl_loss_graph"), (900, 60)),
+                                                      "shapetoy, a red circle on a white background",
+                                                      gradient_checkpointing=True, save_every=250)),
+            (4, "LossGraphNode", dict(filename_prefix="sdxl_loss_graph")),
             (5, "LoraTrainer_TrainingOptions", dict(lr_scheduler="cosine", lr_warmup_steps=0.05, min_snr_gamma=5.0,
-                                                    noise_offset=0.0357), (40, 760)),
+                                                    noise_offset=0.0357)),
         ],
-        "links": [(1, 0, 2, "images"), (1, 0, 3, "dataset"), (3, 1, 4, "loss"), (5, 0, 3, "options")],
+        "columns": [[1, 2], [5], [3], [4]],
+        "links": [(1, 2, 2, "images"), (1, 0, 3, "dataset"), (3, 1, 4, "loss"), (5, 0, 3, "options")],
     },
     "merge_and_compare": {
         "title": "Merge two LoRAs and compare: each alone and the merge, same seed, one image row",
         "nodes": [
-            (1, "CheckpointLoaderSimple", dict(ckpt_name=SD15), (40, 300)),
-            (2, "LoraTrainer_LoadDataset", dict(folder="style_a", resolution=512), (40, 40)),
-            (3, "LoraTrainer_LoadDataset", dict(folder="style_b", resolution=512), (40, 160)),
-            (4, "LoraTrainer_TrainLoRA", train_values(SD15, 300, 512, 8, "style_a"), (400, 0)),
-            (5, "LoraTrainer_TrainLoRA", train_values(SD15, 300, 512, 8, "style_b"), (400, 420)),
+            (1, "CheckpointLoaderSimple", dict(ckpt_name=SD15)),
+            (2, "LoraTrainer_LoadDataset", dict(folder=SHAPES, resolution=512)),
+            (3, "LoraTrainer_LoadDataset", dict(folder=PATTERNS, resolution=512)),
+            (4, "LoraTrainer_TrainLoRA", train_values(SD15, 300, 512, 8, "style_a")),
+            (5, "LoraTrainer_TrainLoRA", train_values(SD15, 300, 512, 8, "style_b")),
             (6, "LoraTrainer_MergeLoRAs", dict(weight_1=0.5, weight_2=0.5, weight_3=1.0, weight_4=1.0,
                                                weight_5=1.0, weight_6=1.0, weight_7=1.0, weight_8=1.0,
-                                               mode="exact", rank=0, energy=1.0, save_name="style_a_b_merged"),
-             (800, 200)),
-            (7, "LoraTrainer_ApplyLoRA", dict(strength_model=1.0, strength_clip=1.0,
-                                              lora_name="(none: use the lora input)"), (1150, 0)),
-            (8, "LoraTrainer_ApplyLoRA", dict(strength_model=1.0, strength_clip=1.0,
-                                              lora_name="(none: use the lora input)"), (1150, 260)),
-            (9, "LoraTrainer_ApplyLoRA", dict(strength_model=1.0, strength_clip=1.0,
-                                              lora_name="(none: use the lora input)"), (1150, 520)),
-            (10, "CLIPTextEncode", dict(text="a house by a lake"), (1500, 0)),
-            (11, "CLIPTextEncode", dict(text="a house by a lake"), (1500, 260)),
-            (12, "CLIPTextEncode", dict(text="a house by a lake"), (1500, 520)),
-            (13, "CLIPTextEncode", dict(text="blurry"), (1500, 780)),
-            (14, "EmptyLatentImage", dict(width=512, height=512, batch_size=1), (1500, 1000)),
-            (15, "KSampler", sampler(), (1850, 0)),
-            (16, "KSampler", sampler(), (1850, 260)),
-            (17, "KSampler", sampler(), (1850, 520)),
-            (18, "VAEDecode", {}, (2200, 0)),
-            (19, "VAEDecode", {}, (2200, 260)),
-            (20, "VAEDecode", {}, (2200, 520)),
-            (21, "ImageBatch", {}, (2450, 130)),
-            (22, "ImageBatch", {}, (2450, 400)),
-            (23, "SaveImage", dict(filename_prefix="merge_compare_a_merged_b"), (2700, 260)),
+                                               mode="exact", rank=0, energy=1.0, save_name="style_a_b_merged")),
+            (7, "LoraTrainer_ApplyLoRA", dict(APPLY)),
+            (8, "LoraTrainer_ApplyLoRA", dict(APPLY)),
+            (9, "LoraTrainer_ApplyLoRA", dict(APPLY)),
+            (10, "CLIPTextEncode", dict(text="shapetoy, a house by a lake")),
+            (11, "CLIPTextEncode", dict(text="a house by a lake")),
+            (12, "CLIPTextEncode", dict(text="patterntoy, a house by a lake")),
+            (13, "CLIPTextEncode", dict(text="blurry")),
+            (14, "EmptyLatentImage", dict(width=512, height=512, batch_size=1)),
+            (15, "KSampler", sampler()),
+            (16, "KSampler", sampler()),
+            (17, "KSampler", sampler()),
+            (18, "VAEDecode", {}),
+            (19, "VAEDecode", {}),
+            (20, "VAEDecode", {}),
+            (21, "ImageBatch", {}),
+            (22, "ImageBatch", {}),
+            (23, "SaveImage", dict(filename_prefix="merge_compare_a_merged_b")),
         ],
+        "columns": [[2, 3, 1], [4], [5], [6, 7, 8, 9], [10, 11, 12, 13, 14], [15, 16, 17], [18, 19, 20, 21, 22],
+                    [23]],
         "links": [
             (2, 0, 4, "dataset"), (3, 0, 5, "dataset"), (4, 0, 6, "lora_1"), (5, 0, 6, "lora_2"),
             (1, 0, 7, "model"), (1, 1, 7, "clip"), (4, 0, 7, "lora"),
@@ -125,9 +154,24 @@ WORKFLOWS = {
 }
 
 
+def layout(spec: dict) -> dict:
+    """{node id: (x, y)}: columns left to right, a column's nodes top to bottom, GAP apart (titles included)."""
+    kinds = {node_id: kind for node_id, kind, _ in spec["nodes"]}
+    positions, x = {}, ORIGIN[0]
+    for column in spec["columns"]:
+        y = ORIGIN[1]
+        for node_id in column:
+            positions[node_id] = (x, y)
+            y += max(SIZES[kinds[node_id]][1], GROWS.get(kinds[node_id], 0)) + TITLE_HEIGHT + GAP
+        x += max(SIZES[kinds[node_id]][0] for node_id in column) + GAP
+    assert sorted(positions) == sorted(kinds), "every node in exactly one column"
+    return positions
+
+
 def build(spec: dict, object_info: dict) -> dict:
     nodes, links = {}, []
-    for order, (node_id, kind, widgets, pos) in enumerate(spec["nodes"]):
+    positions = layout(spec)
+    for order, (node_id, kind, widgets) in enumerate(spec["nodes"]):
         info = object_info[kind]
         values = []
         for name, control in widget_inputs(info):
@@ -149,10 +193,13 @@ def build(spec: dict, object_info: dict) -> dict:
         outputs = [{"name": n, "type": t, "links": [], "slot_index": i}
                    for i, (n, t) in enumerate(zip(info.get("output_name", info["output"]), info["output"]))]
         nodes[node_id] = {
-            "id": node_id, "type": kind, "pos": list(pos), "size": [320, 200], "flags": {}, "order": order,
-            "mode": 0, "inputs": sockets, "outputs": outputs, "properties": {"Node name for S&R": kind},
-            "widgets_values": values,
+            "id": node_id, "type": kind, "pos": list(positions[node_id]), "size": list(SIZES[kind]), "flags": {},
+            "order": order, "mode": 0, "inputs": sockets, "outputs": outputs,
+            "properties": {"Node name for S&R": kind}, "widgets_values": values,
         }
+        if kind in CHECKPOINT_WIDGETS:
+            name = widgets[CHECKPOINT_WIDGETS[kind]]
+            nodes[node_id]["properties"]["models"] = [{"name": name, "url": MODELS[name], "directory": "checkpoints"}]
     for link_id, (src, slot, dst, name) in enumerate(spec["links"], 1):
         source, target = nodes[src], nodes[dst]
         socket = next((s for s in target["inputs"] if s["name"] == name), None)
@@ -167,6 +214,26 @@ def build(spec: dict, object_info: dict) -> dict:
     }
 
 
+def thumbnails(screenshots: str, width: int = 640) -> None:
+    """example_workflows/<name>.jpg (the template browser's thumbnails) from browser/user_check.mjs's screenshots
+    of each loaded example (run with examplesOnly): the graph's part of the page, trimmed, small JPEGs."""
+    from PIL import Image
+
+    for path in sorted(OUT.glob("*.json")):
+        shot = Image.open(Path(screenshots) / f"{path.stem}.png").convert("RGB")
+        w, h = shot.size
+        canvas = shot.crop((70, 85, w, h - 90))  # without the side bar, the tab and menu bars, the canvas toolbar
+        bright = canvas.convert("L").point(lambda v: 255 if v > 45 else 0)  # nodes and links, not the background
+        x0, y0, x1, y1 = bright.getbbox() or (0, 0, *canvas.size)
+        pad = 16
+        graph = canvas.crop((max(0, x0 - pad), max(0, y0 - pad), min(canvas.width, x1 + pad),
+                             min(canvas.height, y1 + pad)))
+        graph.thumbnail((width, width))
+        target = OUT / f"{path.stem}.jpg"
+        graph.save(target, "JPEG", quality=80, optimize=True)
+        print("wrote", target, graph.size, target.stat().st_size, "bytes")
+
+
 def main(object_info_path: str) -> None:
     object_info = json.loads(Path(object_info_path).read_text())
     OUT.mkdir(exist_ok=True)
@@ -177,4 +244,7 @@ def main(object_info_path: str) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1])
+    if sys.argv[1] == "thumbnails":
+        thumbnails(sys.argv[2])
+    else:
+        main(sys.argv[1])

@@ -432,6 +432,17 @@ def _check_vocab(tokenizers, text_encoders, path):
                              f"{te.config.vocab_size}; wrong tokenizer folder?")
 
 
+def move_module(module, device, dtype=None):
+    """``module.to(device, dtype)``. diffusers' ModelMixin.to warns "modules ... should be kept in float32: []"
+    on any dtype argument, also for models that keep no module in float32 (the list is empty); for those
+    torch's own ``Module.to`` does the same cast without it."""
+    if dtype is None:
+        return module.to(device=device)
+    if not getattr(module, "_keep_in_fp32_modules", None):
+        return torch.nn.Module.to(module, device=device, dtype=dtype)
+    return module.to(device=device, dtype=dtype)
+
+
 def _finish(model, dtype, device):
     # tensors were already cast to ``dtype`` while reading; only move (diffusers warns on .to(dtype))
     model.to(device=device)

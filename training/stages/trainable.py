@@ -10,6 +10,7 @@ from diffusers.models.attention_processor import AttnProcessor, AttnProcessor2_0
 
 from ..adapters import attach_adapters, attach_dropout, optimizer_param_groups, quantize_linear_4bit
 from ..base_options import CompileUnavailable, Fp8Unavailable, compile_unet, store_frozen_in_fp8
+from ..models.loader import move_module
 from ..optim import make_lr_scheduler, make_optimizer
 from .context import RunContext, TrainingError
 from .data import Data
@@ -48,7 +49,7 @@ def place_base(ctx: RunContext, base, data: Data) -> None:
         ctx.log(f"QLoRA: {n} UNet linear layers stored in 4 bit (NF4)")
     # One .to(device, dtype) converts tensor by tensor: the device never holds the fp32 UNet (10 GB for
     # SDXL) on the way to bf16/fp16, which .to(device) followed by .to(dtype) did.
-    unet.to(device=device, dtype=weight_dtype if weight_dtype != torch.float32 else None)
+    move_module(unet, device, weight_dtype if weight_dtype != torch.float32 else None)
     te_on_device = config.train_text_encoder or not (data.text_cache is not None and data.captions_fixed)
     for encoder in base.text_encoders:
         encoder.to(device if te_on_device else "cpu")
