@@ -5,10 +5,11 @@ when it is installed, and bitsandbytes >= 0.49 then looks up hub kernels and, of
 every run. Our own code imports it only where it is used (``adapters.py``, ``optim.py``); this gate makes the
 libraries' eager imports see it as absent for the length of a run that does not need it.
 
-The gate only hides what nobody has seen yet: when bitsandbytes is already imported, or diffusers has already
-recorded it as available (its later ``import bitsandbytes`` would then fail), it does nothing. Afterwards
-bitsandbytes imports again as usual, and peft's cached "is bitsandbytes available" answers are cleared, so a
-later QLoRA run in the same process (ComfyUI) finds it.
+The gate only hides what nobody has imported yet: when bitsandbytes is already imported it does nothing. Where
+diffusers has already recorded it as available (diffusers was imported before the run), that record reads
+"absent" for the length of the block too, so diffusers does not try the import. Afterwards bitsandbytes imports
+again as usual, diffusers' record is restored and peft's cached "is bitsandbytes available" answers are cleared,
+so a later QLoRA run in the same process (ComfyUI) finds it.
 """
 
 from __future__ import annotations
@@ -24,11 +25,6 @@ def needs_bitsandbytes(config) -> bool:
     return getattr(config, "quantize_base", "none") != "none" or getattr(config, "optimizer", "") == "adamw8bit"
 
 
-def _seen_already() -> bool:
-    if MODULE in sys.modules:
-        return True
-    diffusers_utils = sys.modules.get("diffusers.utils.import_utils")
-    return bool(getattr(diffusers_utils, "_bitsandbytes_available", False))
 
 
 def _forget_peft_answers() -> None:
@@ -42,13 +38,19 @@ def _forget_peft_answers() -> None:
 @contextmanager
 def bitsandbytes_hidden_unless(needed: bool):
     """Within the block, ``import bitsandbytes`` raises ImportError unless ``needed`` (see the module doc)."""
-    if needed or _seen_already():
+    if needed or MODULE in sys.modules:
         yield
         return
     sys.modules[MODULE] = None  # the import system's "not importable" marker
+    diffusers_utils = sys.modules.get("diffusers.utils.import_utils")
+    recorded = getattr(diffusers_utils, "_bitsandbytes_available", None)
+    if recorded:
+        diffusers_utils._bitsandbytes_available = False
     try:
         yield
     finally:
         if MODULE in sys.modules and sys.modules[MODULE] is None:
             del sys.modules[MODULE]
+        if recorded:
+            diffusers_utils._bitsandbytes_available = recorded
         _forget_peft_answers()
