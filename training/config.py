@@ -25,7 +25,14 @@ ATTENTION_BACKENDS = ("sdpa", "eager")
 QUANTIZE = ("none", "4bit")
 SAMPLERS = ("euler", "euler_a", "ddim", "dpm++")
 MAX_TOKEN_LENGTHS = (75, 150, 225)
-DEVICES = ("auto", "cpu", "cuda", "mps")
+DEVICES = ("auto", "cpu", "cuda", "xpu", "mps")  # auto: CUDA/ROCm, then XPU, then MPS, then the CPU (devices.py)
+INDEXED_DEVICES = ("cuda", "xpu")  # these also take an index: cuda:1, xpu:0 (what ComfyUI hands the node)
+
+
+def is_device_name(name: str) -> bool:
+    """Whether ``name`` is a valid ``device`` setting: one of DEVICES, or cuda:N / xpu:N."""
+    kind, colon, index = str(name).partition(":")
+    return name in DEVICES or (kind in INDEXED_DEVICES and colon == ":" and index.isdigit())
 FAMILIES = ("sd1", "sd2", "sd2-v", "sdxl")
 
 
@@ -295,7 +302,7 @@ class TrainConfig:
              "use 0 (= resolution) or a multiple of 8")
         need(self.family is None or self.family in FAMILIES, "family",
              f"use one of {', '.join(FAMILIES)}, or leave it out to detect the family from the checkpoint")
-        need(self.device in DEVICES or self.device.startswith("cuda:"), "device", f"use one of {', '.join(DEVICES)}")
+        need(is_device_name(self.device), "device", f"use one of {', '.join(DEVICES)}, or cuda:N / xpu:N")
         if self.output_name.lower().endswith(".safetensors"):
             self.output_name = self.output_name[: -len(".safetensors")]
         problem = output_name_problem(self.output_name)

@@ -39,13 +39,12 @@ from dataclasses import dataclass
 
 import torch
 
-PRECISIONS = ("fp32", "bf16", "fp16")
+from .config import DEVICES, PRECISIONS, is_device_name
+
 PRECISION_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 # accelerate's names (Accelerator(mixed_precision=...)) and kohya's ss_mixed_precision values
 ACCELERATE_PRECISION = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}
 AUTO_ORDER = ("cuda", "xpu", "mps", "cpu")  # what device = 'auto' tries, first available wins
-DEVICE_CHOICES = ("auto",) + AUTO_ORDER
-INDEXED = ("cuda", "xpu")  # types that take an index: cuda:1, xpu:0
 SHARED_MEMORY = ("cpu", "mps")  # the model, the data and everything else share the system's memory
 
 
@@ -73,14 +72,6 @@ def device_type(device) -> str:
     return device.type if isinstance(device, torch.device) else torch.device(device).type
 
 
-def is_device_name(name: str) -> bool:
-    """Whether ``name`` is a valid ``device`` setting: auto, cpu, mps, cuda, xpu, or cuda:N / xpu:N."""
-    if name in DEVICE_CHOICES:
-        return True
-    kind, _, index = str(name).partition(":")
-    return kind in INDEXED and index.isdigit()
-
-
 def _autocast_probe(kind: str, dtype: torch.dtype) -> bool:
     """Whether torch's autocast runs ``dtype`` on device type ``kind``: torch disables autocast with a
     warning (instead of raising) for a dtype a backend lacks, so build one and see."""
@@ -95,11 +86,12 @@ def _autocast_probe(kind: str, dtype: torch.dtype) -> bool:
 
 
 class DeviceOps:
-    """The device-specific calls for one device type. This base class is the CPU's behaviour; each
-    backend subclass overrides what differs. Nothing here touches ``torch.cuda`` unless the type is CUDA."""
+    """The device-specific calls for one device type. This base class is the conservative behaviour of a
+    device type this module does not know (fp32 only, no fused kernels, no memory figures); each backend
+    subclass says what its device can do. Nothing here touches ``torch.cuda`` unless the type is CUDA."""
 
-    type = "cpu"
-    label = "CPU"
+    type = "unknown"
+    label = "unknown"
 
     def is_available(self) -> bool:
         return True
@@ -115,11 +107,10 @@ class DeviceOps:
         return _autocast_probe(self.type, dtype)
 
     def bf16_supported(self, device) -> bool:
-        return self.autocast_supports(torch.bfloat16)
+        return False
 
     def fp16_supported(self, device) -> bool:
-        """fp16 mixed precision: autocast in fp16 and loss scaling that pays off. On the CPU there is no
-        fast fp16 arithmetic, so fp32 is used instead (see resolve_precision)."""
+        """fp16 mixed precision: autocast in fp16, with loss scaling."""
         return False
 
     def generator(self, device, seed: int) -> torch.Generator:
@@ -132,6 +123,28 @@ class DeviceOps:
         pass
 
     def memory(self, device) -> MemoryInfo:
+        return MemoryInfo(None, None, f"{self.type} reports no memory figures")
+
+    def pin_memory(self) -> bool:
+        """Whether page-locked host memory speeds up copies to this device."""
+        return False
+
+    def fused_adamw(self) -> bool:
+        return False
+
+
+class CpuOps(DeviceOps):
+    type = "cpu"
+    label = "CPU"
+
+    def bf16_supported(self, device) -> bool:
+        return self.autocast_supports(torch.bfloat16)
+
+    def fp16_supported(self, device) -> bool:
+        """CPUs have no fast fp16 arithmetic and fp16 needs loss scaling: fp32 is used instead."""
+        return False
+
+    def memory(self, device) -> MemoryInfo:
         try:
             import psutil
 
@@ -139,10 +152,6 @@ class DeviceOps:
             return MemoryInfo(int(vm.available), int(vm.total), "system memory (shared with everything else)")
         except ImportError:
             return MemoryInfo(None, None, "the CPU's free memory is unknown here (psutil is not installed)")
-
-    def pin_memory(self) -> bool:
-        """Whether page-locked host memory speeds up copies to this device (it does not for the CPU itself)."""
-        return False
 
     def fused_adamw(self) -> bool:
         return _torch_at_least(2, 4)  # torch's fused AdamW has a CPU kernel since 2.4
@@ -205,8 +214,13 @@ class XpuOps(DeviceOps):
         return f"{device} ({torch.xpu.get_device_name(device)}, XPU)"
 
     def bf16_supported(self, device) -> bool:
-        native = getattr(torch.xpu, "is_bf16_supported", None)
-        return (native() if native else True) and self.autocast_supports(torch.bfloat16)
+        try:
+            native = torch.xpu.is_bf16_supported()
+        except AttributeError:  # older torch: autocast decides alone
+            native = True
+        except RuntimeError:  # a torch build without XPU
+            native = False
+        return bool(native) and self.autocast_supports(torch.bfloat16)
 
     def fp16_supported(self, device) -> bool:
         return self.autocast_supports(torch.float16)
@@ -245,8 +259,11 @@ class MpsOps(DeviceOps):
         return torch.backends.mps.is_available()
 
     def bf16_supported(self, device) -> bool:
-        newer = getattr(torch.backends.mps, "is_macos_or_newer", None)
-        return (newer(14, 0) if newer else False) and self.autocast_supports(torch.bfloat16)
+        try:  # bf16 on Metal needs macOS 14; raises on a torch build without MPS
+            macos14 = torch.backends.mps.is_macos_or_newer(14, 0)
+        except (AttributeError, RuntimeError):
+            macos14 = False
+        return bool(macos14) and self.autocast_supports(torch.bfloat16)
 
     def fp16_supported(self, device) -> bool:
         return self.autocast_supports(torch.float16)
@@ -265,21 +282,18 @@ class MpsOps(DeviceOps):
         return MemoryInfo(None, int(limit()) if limit else None,
                           "MPS shares the system's memory and reports no free figure of its own")
 
-    def fused_adamw(self) -> bool:
-        return False
-
 
 def _torch_at_least(major: int, minor: int) -> bool:
     return tuple(int(p) for p in torch.__version__.split("+")[0].split(".")[:2]) >= (major, minor)
 
 
-_DEFAULT_OPS: dict[str, DeviceOps] = {ops.type: ops for ops in (CudaOps(), XpuOps(), MpsOps(), DeviceOps())}
+_DEFAULT_OPS: dict[str, DeviceOps] = {ops.type: ops for ops in (CudaOps(), XpuOps(), MpsOps(), CpuOps())}
 _ops: dict[str, DeviceOps] = dict(_DEFAULT_OPS)
 
 
 def for_device(device) -> DeviceOps:
     """The DeviceOps for ``device`` (a torch.device, a name such as 'cuda:1', or a type). A type this
-    module does not know gets the CPU's conservative behaviour: no fused kernels, no pinned memory."""
+    module does not know gets DeviceOps' conservative behaviour: fp32, no fused kernels, no pinned memory."""
     kind = device_type(device)
     ops = _ops.get(kind)
     if ops is not None:
@@ -308,7 +322,7 @@ def resolve_device(name: str = "auto") -> torch.device:
     if name == "auto":
         return torch.device(next(kind for kind in AUTO_ORDER if for_device(kind).is_available()))
     if not is_device_name(name):
-        raise DeviceError(f"device = {name!r}: use one of {', '.join(DEVICE_CHOICES)} (or cuda:N / xpu:N)")
+        raise DeviceError(f"device = {name!r}: use one of {', '.join(DEVICES)}, or cuda:N / xpu:N")
     device = torch.device(name)
     ops = for_device(device)
     if not ops.is_available():
