@@ -10,6 +10,7 @@ memory and time (nodes/estimate.py) and refuses settings that cannot fit.
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
 import time
 
@@ -195,9 +196,10 @@ class TrainLoRA(NodeSpec):
                      options=None):
         from ..training.config import ConfigError, TrainConfig
 
+        from ..training.devices import resolve_precision
+
         device = host.torch_device()
-        if str(device) == "cpu" and precision == "fp16":
-            precision = "fp32"  # fp16 autocast needs a GPU; fp32 is what the CPU runs best
+        precision = resolve_precision(precision, device)[0]  # what the device really trains in; execute says so
         checkpoint_path = host.checkpoint_path(checkpoint)
         values = dict(
             checkpoint=checkpoint_path,
@@ -290,6 +292,7 @@ class TrainLoRA(NodeSpec):
             steps=config.steps,
         )
         est = estimate(shape, settings, free, memory["type"], memory["name"], memory.get("cpu_count", 4))
+        est.memory_note = "" if memory_limit_gb and memory_limit_gb > 0 else memory.get("note", "")
         if not est.fits:
             raise NodeError(refusal_message(est))
         return est
@@ -321,6 +324,7 @@ class TrainLoRA(NodeSpec):
         node_id=None,
     ) -> NodeResult:
         from ..training.dataset import DatasetError
+        from ..training.devices import resolve_precision
         from ..training.loop import train
         from ..training.plot import loss_chart
         from .runs import REGISTRY, progress_line, smoothed
@@ -360,6 +364,11 @@ class TrainLoRA(NodeSpec):
         if est is not None:
             REGISTRY.update(run, estimate=est.to_dict())
             host.progress_text(est.summary(), node)
+        # build_config trains in what the device can do; a precision it changed is said aloud, never silent
+        precision_note = resolve_precision(precision, host.torch_device())[1]
+        if precision_note:
+            logging.getLogger("comfyui_lora_trainer").warning(precision_note)
+            host.progress_text(precision_note, node)
         host.send(RUN_EVENT, {**ids, "status": "starting", "total": config.steps, "name": config.output_name,
                               "estimate": est.to_dict() if est else None})
 
@@ -445,4 +454,6 @@ class TrainLoRA(NodeSpec):
             host.raise_interrupt()  # the work is saved; tell ComfyUI the prompt was cancelled
         final = f"{result.losses[-1]:.4f}" if result.losses else "n/a"
         text = f"{file_name}: {result.steps_done} steps in {result.seconds:.0f}s, final loss {final}"
+        if precision_note:
+            text += f" ({precision_note})"
         return NodeResult((result.lora, {"loss": list(result.losses)}, file_name), ui={"text": [text]})
