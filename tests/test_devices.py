@@ -350,3 +350,26 @@ def test_node_with_fp16_on_the_cpu_trains_fp32_and_says_so(tmp_path, cuda_raises
     assert note in result.ui["text"][0]  # and on the node when it is done
     with safe_open(os.path.join(host.loras_directory(), "fp16_cpu.safetensors"), "pt") as f:
         assert f.metadata()["ss_mixed_precision"] == "no"  # what was really used
+
+
+def test_the_precision_note_has_a_place_in_the_file_metadata():
+    from comfyui_lora_trainer.training.formats.metadata import PRECISION_NOTE_KEY, RunInfo, make_metadata
+
+    used, note = devices.resolve_precision("fp16", "cpu")
+    md = make_metadata(RunInfo(family="sd1", mixed_precision=devices.ACCELERATE_PRECISION[used],
+                                precision_note=note or None))
+    assert md["ss_mixed_precision"] == "no" and md[PRECISION_NOTE_KEY] == note
+    assert PRECISION_NOTE_KEY not in make_metadata(RunInfo(family="sd1", mixed_precision="bf16"))
+
+
+def test_plan_is_what_the_loop_needs_in_one_value():
+    run = devices.plan("cpu", "fp16")
+    assert (run.device, run.requested, run.precision, run.dtype) == (torch.device("cpu"), "fp16", "fp32", torch.float32)
+    assert run.mixed_precision == "no" and run.note.startswith("precision = 'fp16'")
+    assert run.accelerator_kwargs() == {"mixed_precision": "no", "cpu": True}
+    with devices.override(cuda=FakeOps("cuda", bf16=False), xpu=FakeOps("xpu", available=False)):
+        gpu = devices.plan("auto", "bf16")
+    assert (gpu.device.type, gpu.precision, gpu.mixed_precision) == ("cuda", "fp16", "fp16")
+    assert gpu.accelerator_kwargs() == {"mixed_precision": "fp16", "cpu": False}
+    with devices.override(mps=FakeOps("mps")):
+        assert devices.plan("mps", "bf16").note == ""

@@ -462,3 +462,33 @@ def accelerator_kwargs(device, precision: str) -> dict:
     picks its own GPU (CUDA, XPU or MPS) unless told cpu=True, and must not be given a precision the
     device lacks (resolve_precision first)."""
     return {"mixed_precision": ACCELERATE_PRECISION[precision], "cpu": device_type(device) == "cpu"}
+
+
+@dataclass(frozen=True)
+class RunDevice:
+    """Where and in what precision a run trains: what ``plan`` decided, for the loop to use and say."""
+
+    device: torch.device
+    requested: str  # the precision setting
+    precision: str  # what the device trains in (== requested unless ``note`` says otherwise)
+    note: str = ""  # one line to log and to write into the file's metadata; '' when nothing changed
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return precision_dtype(self.precision)
+
+    @property
+    def mixed_precision(self) -> str:
+        """accelerate's name for it, which is also kohya's ss_mixed_precision value."""
+        return ACCELERATE_PRECISION[self.precision]
+
+    def accelerator_kwargs(self) -> dict:
+        return accelerator_kwargs(self.device, self.precision)
+
+
+def plan(device_setting: str, precision: str) -> RunDevice:
+    """The device for a ``device`` setting (resolve_device) and the precision it really trains in
+    (resolve_precision), in one value the loop keeps."""
+    device = resolve_device(device_setting)
+    used, note = resolve_precision(precision, device)
+    return RunDevice(device, precision, used, note)
