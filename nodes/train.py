@@ -195,7 +195,6 @@ class TrainLoRA(NodeSpec):
                      gradient_checkpointing=False, sample_every=0, sample_prompt="", save_every=0, resume=False,
                      options=None):
         from ..training.config import ConfigError, TrainConfig
-
         from ..training.devices import resolve_precision
 
         device = host.torch_device()
