@@ -118,7 +118,9 @@ def preflight(host, config, dataset, memory_limit_gb: float = 0.0):
         gradient_accumulation_steps=config.gradient_accumulation_steps,
         steps=config.steps,
     )
-    est = estimate(shape, settings, free, memory["type"], memory["name"], memory.get("cpu_count", 4))
+    limited = bool(memory_limit_gb and memory_limit_gb > 0)
+    est = estimate(shape, settings, free, memory["type"], memory["name"], memory.get("cpu_count", 4),
+                   memory_note="" if limited else memory.get("note", ""))  # what the device's free figure means
     if not est.fits:
         raise NodeError(refusal_message(est))
     return est
@@ -192,10 +194,10 @@ class TrainLoRA(NodeSpec):
                      options=None):
         """The run's TrainConfig: the node's inputs, then the Training Options for every other key."""
         from ..training.config import ConfigError, TrainConfig
+        from ..training.devices import resolve_precision
 
         device = host.torch_device()
-        if str(device) == "cpu" and precision == "fp16":
-            precision = "fp32"  # fp16 autocast needs a GPU; fp32 is what the CPU runs best
+        precision = resolve_precision(precision, device)[0]  # what the device really trains in; execute says so
         checkpoint_path = host.checkpoint_path(checkpoint)
         own = dict(
             checkpoint=checkpoint_path, tokenizer=tokenizer_for_checkpoint(host, checkpoint_path),
@@ -224,6 +226,7 @@ class TrainLoRA(NodeSpec):
                 sample_every=0, sample_prompt="", save_every=0, resume=False, memory_limit_gb=0.0, options=None,
                 node_id=None) -> NodeResult:
         from ..training.dataset import DatasetError
+        from ..training.devices import resolve_precision
         from ..training.loop import train
 
         config = cls.build_config(
@@ -238,6 +241,10 @@ class TrainLoRA(NodeSpec):
             "batch_size": config.batch_size, "learning_rate": config.learning_rate, "resume": bool(resume),
         })
         reporter.started(estimate)
+        # build_config trains in what the device can do; a precision it changed is said aloud, never silent
+        precision_note = resolve_precision(precision, host.torch_device())[1]
+        if precision_note:
+            host.progress_text(precision_note, reporter.node)
         try:
             result = train(config, events=reporter, should_stop=host.interrupted)
         except (DatasetError, FileExistsError) as e:  # the backend's refusals, in its words
@@ -253,4 +260,6 @@ class TrainLoRA(NodeSpec):
             host.raise_interrupt()  # the work is saved; tell ComfyUI the prompt was cancelled
         final = f"{result.losses[-1]:.4f}" if result.losses else "n/a"
         text = f"{file_name}: {result.steps_done} steps in {result.seconds:.0f}s, final loss {final}"
+        if precision_note:
+            text += f" ({precision_note})"
         return NodeResult((result.lora, {"loss": list(result.losses)}, file_name), ui={"text": [text]})
