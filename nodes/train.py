@@ -194,10 +194,7 @@ class TrainLoRA(NodeSpec):
                      options=None):
         """The run's TrainConfig: the node's inputs, then the Training Options for every other key."""
         from ..training.config import ConfigError, TrainConfig
-        from ..training.devices import resolve_precision
-
-        device = host.torch_device()
-        precision = resolve_precision(precision, device)[0]  # what the device really trains in; execute says so
+        device = host.torch_device()  # the precision goes to the backend as asked: it says what the device runs
         checkpoint_path = host.checkpoint_path(checkpoint)
         own = dict(
             checkpoint=checkpoint_path, tokenizer=tokenizer_for_checkpoint(host, checkpoint_path),
@@ -226,7 +223,6 @@ class TrainLoRA(NodeSpec):
                 sample_every=0, sample_prompt="", save_every=0, resume=False, memory_limit_gb=0.0, options=None,
                 node_id=None) -> NodeResult:
         from ..training.dataset import DatasetError
-        from ..training.devices import resolve_precision
         from ..training.loop import train
 
         config = cls.build_config(
@@ -241,10 +237,6 @@ class TrainLoRA(NodeSpec):
             "batch_size": config.batch_size, "learning_rate": config.learning_rate, "resume": bool(resume),
         })
         reporter.started(estimate)
-        # build_config trains in what the device can do; a precision it changed is said aloud, never silent
-        precision_note = resolve_precision(precision, host.torch_device())[1]
-        if precision_note:
-            host.progress_text(precision_note, reporter.node)
         try:
             result = train(config, events=reporter, should_stop=host.interrupted)
         except (DatasetError, FileExistsError) as e:  # the backend's refusals, in its words
@@ -260,6 +252,6 @@ class TrainLoRA(NodeSpec):
             host.raise_interrupt()  # the work is saved; tell ComfyUI the prompt was cancelled
         final = f"{result.losses[-1]:.4f}" if result.losses else "n/a"
         text = f"{file_name}: {result.steps_done} steps in {result.seconds:.0f}s, final loss {final}"
-        if precision_note:
-            text += f" ({precision_note})"
+        if reporter.precision_note:  # a precision the device could not run, said by the backend at the start
+            text += f" ({reporter.precision_note})"
         return NodeResult((result.lora, {"loss": list(result.losses)}, file_name), ui={"text": [text]})

@@ -16,6 +16,8 @@ from safetensors import safe_open
 from comfyui_lora_trainer.training import devices
 from comfyui_lora_trainer.training.devices import CudaOps, DeviceError, DeviceOps, MemoryInfo, MpsOps, \
     PrecisionError, XpuOps
+from comfyui_lora_trainer.training.formats.metadata import PRECISION_NOTE_KEY
+from tiny_runs import run as tiny_run
 
 SAMPLE = os.path.join(os.path.dirname(__file__), "..", "training", "sample_dataset")
 GiB = 1024**3
@@ -349,11 +351,42 @@ def test_node_with_fp16_on_the_cpu_trains_fp32_and_says_so(tmp_path, cuda_raises
     assert note and any(text == note for _, text in host.texts)  # the node's status line, before training
     assert note in result.ui["text"][0]  # and on the node when it is done
     with safe_open(os.path.join(host.loras_directory(), "fp16_cpu.safetensors"), "pt") as f:
-        assert f.metadata()["ss_mixed_precision"] == "no"  # what was really used
+        meta = f.metadata()
+    assert meta["ss_mixed_precision"] == "no"  # what was really used
+    assert meta[PRECISION_NOTE_KEY] == note  # and why: the node passed fp16 on, the backend decided
+
+
+def test_a_training_step_on_the_cpu_makes_no_cuda_call(cuda_raises, tmp_path):
+    """The whole shared path (device choice, accelerator, autocast, LoRA dropout's generators, the loss,
+    export) with every device-specific torch.cuda call made to raise."""
+    events = []
+    with devices.override(cuda=FakeOps("cuda", available=False), xpu=FakeOps("xpu", available=False),
+                          mps=FakeOps("mps", available=False)):
+        result, base = tiny_run(device="auto", precision="bf16", steps=2, network_dropout=0.1, rank_dropout=0.1,
+                           events=events.append, output_dir=str(tmp_path), output_name="cpu_only")
+    start = next(e for e in events if e["type"] == "start")
+    assert (start["device"], start["precision"], start["precision_note"]) == ("cpu", "bf16", "")
+    assert result.steps_done == 2 and all(torch.isfinite(torch.tensor(result.losses)))
+    with safe_open(result.path, "pt") as f:
+        meta = f.metadata()
+    assert meta["ss_mixed_precision"] == "bf16" and PRECISION_NOTE_KEY not in meta
+
+
+def test_the_loop_trains_in_what_devices_decides_and_says_it_once():
+    """A CPU whose autocast runs no bf16 (a fake one): the loop asks devices.plan, trains in fp32 and says
+    so once, rather than deciding on the device type itself."""
+    events = []
+    with devices.override(cpu=FakeOps("cpu", bf16=False, fp16=False)):
+        _, base = tiny_run(device="cpu", precision="bf16", steps=1, events=events.append)
+    note = [e["message"] for e in events if e["type"] == "log" and e["message"].startswith("precision = ")]
+    assert len(note) == 1 and "'bf16' is not supported" in note[0] and "fp32 instead" in note[0]
+    assert base.unet.dtype == torch.float32
+    start = next(e for e in events if e["type"] == "start")
+    assert (start["precision"], start["precision_note"]) == ("fp32", note[0])
 
 
 def test_the_precision_note_has_a_place_in_the_file_metadata():
-    from comfyui_lora_trainer.training.formats.metadata import PRECISION_NOTE_KEY, RunInfo, make_metadata
+    from comfyui_lora_trainer.training.formats.metadata import RunInfo, make_metadata
 
     used, note = devices.resolve_precision("fp16", "cpu")
     md = make_metadata(RunInfo(family="sd1", mixed_precision=devices.ACCELERATE_PRECISION[used],

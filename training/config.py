@@ -234,8 +234,14 @@ class TrainConfig:
     )
     precision: str = setting(
         "fp32",
-        "`fp32`, `bf16` (mixed precision through accelerate) or `fp16` (GPU only, with loss scaling); adapter "
-        "weights stay fp32",
+        "`fp32`, `bf16` (mixed precision through accelerate) or `fp16` (with loss scaling); adapter weights stay "
+        "fp32. A precision the device cannot run is replaced and said aloud (fp16 on the CPU: fp32)",
+        doc=(
+            "`fp32`, `bf16` (mixed precision through accelerate) or `fp16` (with loss scaling); adapter weights stay "
+            "fp32. A precision the device cannot run is replaced and said once (log, node status line, "
+            "`lora_trainer.precision_note` in the file): fp16 on the CPU trains in fp32, bf16 on a GPU without it in "
+            "fp16 (docs/devices.md)"
+        ),
         group="optimisation", choices=PRECISIONS,
     )
     target: str = setting(
@@ -267,7 +273,9 @@ class TrainConfig:
         "own",
         doc=(
             "`auto`: CUDA (or ROCm, which torch reports as CUDA), then Intel XPU, then Apple MPS, then the CPU; or a "
-            "device by name (docs/devices.md). Under `accelerate launch` each process uses its own"
+            "device by name. A precision the device cannot run is replaced and said aloud (log, node status, "
+            "`lora_trainer.precision_note` in the file; docs/devices.md). Under `accelerate launch` "
+            "each process uses its own"
         ),
         group="model", choices=DEVICES, also=(is_indexed_device, "cuda:N / xpu:N"),
     )

@@ -34,12 +34,21 @@ naming the ``precision`` setting.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import warnings
 from dataclasses import dataclass
 
 import torch
 
-from .config import DEVICES, PRECISIONS, is_device_name
+from .config import TrainConfig, field_problem
+
+_FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
+
+
+def _refusal(key: str, value) -> str | None:
+    """The config field's own refusal for ``value`` ('device = ...: use one of ...'), or None if accepted."""
+    problem = field_problem(_FIELDS[key], value)
+    return f"{key} = {value!r}: {problem}" if problem else None
 
 PRECISION_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 # accelerate's names (Accelerator(mixed_precision=...)) and kohya's ss_mixed_precision values
@@ -321,8 +330,9 @@ def resolve_device(name: str = "auto") -> torch.device:
     the CPU; a named device that is not available here raises DeviceError naming the setting."""
     if name == "auto":
         return torch.device(next(kind for kind in AUTO_ORDER if for_device(kind).is_available()))
-    if not is_device_name(name):
-        raise DeviceError(f"device = {name!r}: use one of {', '.join(DEVICES)}, or cuda:N / xpu:N")
+    problem = _refusal("device", name)
+    if problem:
+        raise DeviceError(problem)
     device = torch.device(name)
     ops = for_device(device)
     if not ops.is_available():
@@ -426,7 +436,7 @@ def precision_supported(precision: str, device) -> bool:
         return ops.bf16_supported(device)
     if precision == "fp16":
         return ops.fp16_supported(device)
-    raise PrecisionError(f"precision = {precision!r}: use one of {', '.join(PRECISIONS)}")
+    raise PrecisionError(_refusal("precision", precision))
 
 
 def resolve_precision(requested: str, device) -> tuple[str, str]:
@@ -454,7 +464,7 @@ def precision_dtype(precision: str) -> torch.dtype:
     try:
         return PRECISION_DTYPES[precision]
     except KeyError:
-        raise PrecisionError(f"precision = {precision!r}: use one of {', '.join(PRECISIONS)}") from None
+        raise PrecisionError(_refusal("precision", precision)) from None
 
 
 def accelerator_kwargs(device, precision: str) -> dict:
