@@ -1,9 +1,12 @@
 """Before training: peak memory and time for the chosen settings, and what to change when it won't fit.
 
-Pure functions (no ComfyUI, no torch): the Train LoRA node feeds them the checkpoint's tensor shapes
-(read from the file header, nothing loaded) and the device's free memory from ComfyUI's
-model_management, and refuses to start a run that cannot fit, naming the settings to change, instead of
-running out of memory an hour in.
+Pure functions (no ComfyUI): the Train LoRA node feeds them the checkpoint's tensor shapes (read from
+the file header, nothing loaded) and the device's free memory from ComfyUI's model_management
+(``get_free_memory(device)``, whatever the device), and refuses to start a run that cannot fit, naming the
+settings to change, instead of running out of memory an hour in. A device that reports no free figure
+gets the estimate without a verdict, and the summary says so. On the CPU and MPS the whole model lives in
+the one system memory; the time estimate is given for CUDA/ROCm GPUs by name and the CPU, and left out
+on XPU and MPS, for which there is no calibrated figure.
 
 The model of memory follows the measured/analytic figures in the project's reference notes
 (landscape-and-performance.md §5, §8): UNet weights in the training precision, LoRA parameters with
@@ -17,6 +20,8 @@ costs a setting change; a crash an hour in costs the hour.
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field, replace
+
+from ..training.devices import shares_system_memory
 
 GiB = 1024**3
 BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
@@ -81,6 +86,7 @@ class Estimate:
     fits: bool
     suggestions: list[str]
     device: str
+    memory_note: str = ""  # what the free figure means, or why there is none (MPS, DirectML)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -90,6 +96,10 @@ class Estimate:
         line = f"estimated peak memory {gib(self.peak_bytes)} on {self.device}"
         if self.free_bytes is not None:
             line += f" ({gib(self.free_bytes)} free)"
+        else:
+            line += " (no free-memory figure: not checked)"
+        if self.memory_note:
+            line += f"; {self.memory_note}"
         if self.total_seconds is not None:
             line += f", roughly {_duration(self.total_seconds)} for the run ({self.seconds_per_step:.2f} s/step, +-2x)"
         return line
@@ -150,10 +160,13 @@ def read_model_shape(path: str, family: str | None = None) -> ModelShape:
 
 
 # -- the estimate --------------------------------------------------------------------------------------
-def device_tflops(device_type: str, device_name: str = "", cpu_count: int = 4) -> float:
-    """Dense bf16 peak of the device in TFLOP/s (a rough table; unknown GPUs count as 100)."""
-    if device_type != "cuda":
+def device_tflops(device_type: str, device_name: str = "", cpu_count: int = 4) -> float | None:
+    """Dense bf16 peak of the device in TFLOP/s (a rough table; unknown CUDA/ROCm GPUs count as 100);
+    None for XPU and MPS, which have no calibrated figure here."""
+    if device_type == "cpu":
         return 0.05 * max(1, cpu_count)  # measured order of magnitude for fp32 convs on CPU cores
+    if device_type != "cuda":
+        return None
     for needle, value in DEVICE_TFLOPS:
         if needle.lower() in device_name.lower():
             return value
@@ -168,8 +181,10 @@ def estimate(
     device_name: str = "",
     cpu_count: int = 4,
     suggest: bool = True,
+    memory_note: str = "",
 ) -> Estimate:
     s = settings
+    gpu = device_type != "cpu"
     weight_bytes = BYTES["fp32"] if device_type == "cpu" else BYTES.get(s.precision, 4)
     act_bytes = 4 if (s.precision == "fp32" or device_type == "cpu") else 2
     ref_side, act_plain, act_ckpt = ACTIVATIONS.get(model.family, ACTIVATIONS["sd1"])
@@ -181,14 +196,14 @@ def estimate(
         "unet_weights": model.unet_params * weight_bytes,
         "lora_params_grads_adam": lora * 16,
         "activations": int(per_sample * s.batch_size),
-        "context": CONTEXT_BYTES if device_type == "cuda" else 0,
+        "context": CONTEXT_BYTES if gpu else 0,
     }
     # the caching phase: the VAE (fp32) encodes the image and its mirror at the training size
     latent_side = s.resolution
     vae_activation = 2 * 3 * 128 * latent_side * latent_side * 4 * width
     caching = model.vae_params * 4 + vae_activation + parts["context"]
-    if device_type == "cpu":
-        # on the CPU the whole model lives in the same memory (loaded there before anything moves)
+    if shares_system_memory(device_type):
+        # on the CPU and MPS the whole model lives in the same memory (loaded there before anything moves)
         parts["text_encoders_vae"] = (model.text_encoder_params + model.vae_params) * 4
         caching += model.unet_params * 4 + model.text_encoder_params * 4
     training = sum(parts.values())
@@ -206,7 +221,7 @@ def estimate(
         peak_tflops /= 8
     seconds = None
     if peak_tflops:
-        seconds = step_flops / (peak_tflops * 1e12 * (MFU if device_type == "cuda" else 1.0))
+        seconds = step_flops / (peak_tflops * 1e12 * (MFU if gpu else 1.0))
         seconds += STEP_OVERHEAD.get(device_type, 0.0) * s.gradient_accumulation_steps
     fits = free_bytes is None or peak <= free_bytes
     result = Estimate(
@@ -219,6 +234,7 @@ def estimate(
         fits=fits,
         suggestions=[],
         device=device_name or device_type,
+        memory_note=memory_note,
     )
     if suggest and not fits:
         result.suggestions = suggestions(model, settings, free_bytes, device_type, device_name, cpu_count)
@@ -241,12 +257,12 @@ def suggestions(model, settings: Settings, free_bytes, device_type, device_name=
             options.append((f"batch_size {s.batch_size} -> 1", replace(s, batch_size=1)))
     if not s.gradient_checkpointing:
         options.append(("gradient_checkpointing on (about 30-45 % slower)", replace(s, gradient_checkpointing=True)))
-    if s.precision == "fp32" and device_type == "cuda":
+    if s.precision == "fp32" and device_type != "cpu":
         options.append(("precision fp32 -> bf16", replace(s, precision="bf16")))
     for lower in (s.resolution * 3 // 4 // 64 * 64, s.resolution // 2 // 64 * 64):
         if 64 <= lower < s.resolution:
             options.append((f"resolution {s.resolution} -> {lower}", replace(s, resolution=lower)))
-    combined = replace(s, batch_size=1, gradient_checkpointing=True, precision="bf16" if device_type == "cuda" else s.precision)
+    combined = replace(s, batch_size=1, gradient_checkpointing=True, precision="bf16" if device_type != "cpu" else s.precision)
     if combined != s:
         options.append(("all of: batch_size 1, gradient_checkpointing on, precision bf16", combined))
     rows = []
@@ -269,4 +285,6 @@ def refusal_message(est: Estimate) -> str:
         "  (breakdown: " + ", ".join(f"{k} {gib(v)}" for k, v in est.parts.items()) + "; "
         "memory_limit_gb sets another budget than the free memory)"
     )
+    if est.memory_note:
+        lines.append(f"  ({est.memory_note})")
     return "\n".join(lines)

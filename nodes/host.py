@@ -48,6 +48,15 @@ class Progress:
                 self._host.cancel_seen = True
 
 
+def _figure(query, device) -> int | None:
+    """One of ComfyUI's memory figures for ``device``, or None where it has none for this device type."""
+    try:
+        value = query(device)
+    except Exception:
+        return None
+    return None if value is None else int(value)
+
+
 class ComfyHost:
     """The real host: ComfyUI's modules, imported on first use."""
 
@@ -125,19 +134,28 @@ class ComfyHost:
         comfy.model_management.soft_empty_cache(True)
 
     def device_memory(self) -> dict:
-        """Free/total bytes of the training device as ComfyUI sees them, with its type and name."""
+        """Free/total bytes of the training device as ComfyUI sees them (``get_free_memory(device)``, for
+        every device type), with its type, name and a note on what the figures mean: on the CPU and MPS the
+        free figure is the system's available memory; a device without a figure (DirectML) gets None."""
         import os
 
         import comfy.model_management as mm
 
+        from ..training.devices import host_memory_info
+
         device = mm.get_torch_device()
-        name = mm.get_torch_device_name(device) if device.type == "cuda" else str(device)
+        try:
+            name = mm.get_torch_device_name(device)  # covers cuda (incl. ROCm), xpu, mps, cpu
+        except Exception:
+            name = str(device)
+        info = host_memory_info(device, _figure(mm.get_free_memory, device), _figure(mm.get_total_memory, device))
         return {
-            "free": int(mm.get_free_memory(device)),
-            "total": int(mm.get_total_memory(device)),
+            "free": info.free,
+            "total": info.total,
             "type": device.type,
             "name": name,
             "cpu_count": os.cpu_count() or 1,
+            "note": info.note,
         }
 
     def executing(self) -> tuple[str | None, str | None]:

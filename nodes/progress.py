@@ -81,6 +81,7 @@ class RunReporter:
         self.preview = None  # the newest sample image, shown with the next step
         self.has_samples = False
         self.chart_at = self.text_at = 0.0
+        self.precision_note = ""  # what the device trains in instead of the precision asked (the start event)
 
     def send(self, message: str, /, **data) -> None:
         self.host.send(message, {**self.ids, **data})
@@ -96,6 +97,8 @@ class RunReporter:
 
     def __call__(self, event: dict) -> None:
         kind = event.get("type")
+        if kind == "start":
+            self.precision_note = event.get("precision_note") or ""
         if kind == "start" and event.get("losses"):
             self.on_resumed(event)
         elif kind == "step":

@@ -118,7 +118,9 @@ def preflight(host, config, dataset, memory_limit_gb: float = 0.0):
         gradient_accumulation_steps=config.gradient_accumulation_steps,
         steps=config.steps,
     )
-    est = estimate(shape, settings, free, memory["type"], memory["name"], memory.get("cpu_count", 4))
+    limited = bool(memory_limit_gb and memory_limit_gb > 0)
+    est = estimate(shape, settings, free, memory["type"], memory["name"], memory.get("cpu_count", 4),
+                   memory_note="" if limited else memory.get("note", ""))  # what the device's free figure means
     if not est.fits:
         raise NodeError(refusal_message(est))
     return est
@@ -192,10 +194,7 @@ class TrainLoRA(NodeSpec):
                      options=None):
         """The run's TrainConfig: the node's inputs, then the Training Options for every other key."""
         from ..training.config import ConfigError, TrainConfig
-
-        device = host.torch_device()
-        if str(device) == "cpu" and precision == "fp16":
-            precision = "fp32"  # fp16 autocast needs a GPU; fp32 is what the CPU runs best
+        device = host.torch_device()  # the precision goes to the backend as asked: it says what the device runs
         checkpoint_path = host.checkpoint_path(checkpoint)
         own = dict(
             checkpoint=checkpoint_path, tokenizer=tokenizer_for_checkpoint(host, checkpoint_path),
@@ -253,4 +252,6 @@ class TrainLoRA(NodeSpec):
             host.raise_interrupt()  # the work is saved; tell ComfyUI the prompt was cancelled
         final = f"{result.losses[-1]:.4f}" if result.losses else "n/a"
         text = f"{file_name}: {result.steps_done} steps in {result.seconds:.0f}s, final loss {final}"
+        if reporter.precision_note:  # a precision the device could not run, said by the backend at the start
+            text += f" ({reporter.precision_note})"
         return NodeResult((result.lora, {"loss": list(result.losses)}, file_name), ui={"text": [text]})

@@ -242,9 +242,40 @@ def test_zero_terminal_snr():
 
 # ------------------------------------------------------------------ precision, memory, attention
 
-def test_fp16_on_cpu_is_refused_with_a_message():
-    with pytest.raises(TrainingError, match="fp16.*GPU"):
-        run(precision="fp16")
+def test_fp16_on_cpu_falls_back_to_fp32_and_says_so(tmp_path, plain):
+    from safetensors import safe_open
+
+    from comfyui_lora_trainer.training.formats.metadata import PRECISION_NOTE_KEY
+
+    events = []
+    result, base = run(precision="fp16", events=events.append, output_dir=str(tmp_path), output_name="fp16")
+    logs = [e["message"] for e in events if e["type"] == "log"]
+    notes = [m for m in logs if m.startswith("precision = 'fp16'") and "fp32 instead" in m]
+    assert len(notes) == 1  # said once, before anything loads
+    assert logs.index(notes[0]) < next(i for i, m in enumerate(logs) if m.startswith("model family"))
+    assert any("precision fp32" in m for m in logs)  # the model line says what is used, not what was asked
+    start = next(e for e in events if e["type"] == "start")
+    assert (start["precision"], start["precision_note"]) == ("fp32", notes[0])
+    assert base.unet.dtype == torch.float32
+    for k in plain.lora.tensors:  # fp32 it is: the same run as precision = 'fp32'
+        torch.testing.assert_close(result.lora.tensors[k], plain.lora.tensors[k], rtol=0, atol=0)
+    with safe_open(result.path, "pt") as f:
+        meta = f.metadata()
+    assert meta["ss_mixed_precision"] == "no" and meta[PRECISION_NOTE_KEY] == notes[0]
+
+
+def test_a_precision_the_device_runs_leaves_no_note(tmp_path):
+    from safetensors import safe_open
+
+    from comfyui_lora_trainer.training.formats.metadata import PRECISION_NOTE_KEY
+
+    events = []
+    result, _ = run(precision="bf16", steps=1, events=events.append, output_dir=str(tmp_path), output_name="bf16")
+    start = next(e for e in events if e["type"] == "start")
+    assert (start["precision"], start["precision_note"]) == ("bf16", "")
+    with safe_open(result.path, "pt") as f:
+        meta = f.metadata()
+    assert meta["ss_mixed_precision"] == "bf16" and PRECISION_NOTE_KEY not in meta
 
 
 def test_bf16_autocast_changes_numerics(plain):

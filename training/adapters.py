@@ -19,6 +19,7 @@ import re
 
 import torch
 
+from . import devices
 from .seeds import mix
 
 _UNET_ATTENTION = r"attn[12]\.(to_q|to_k|to_v|to_out\.0)"
@@ -336,7 +337,7 @@ class LoraDropout:
             m = (keep.view(rank, *([1] * (len(shape) - 1))) if conv else keep.view(*([1] * (len(shape) - 1)), rank))
             m = m.to(device)
         if self.p_element > 0:
-            gd = torch.Generator(device=device).manual_seed(layer_seed ^ 0x5DEECE66D)
+            gd = devices.generator(device, layer_seed ^ 0x5DEECE66D)
             e = (torch.rand(shape, generator=gd, device=device) >= self.p_element).float() / (1 - self.p_element)
             m = e if m is None else m * e
         if m is None:

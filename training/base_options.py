@@ -17,6 +17,8 @@ import types
 import torch
 import torch.nn.functional as F
 
+from . import devices
+
 FP8_DTYPE = getattr(torch, "float8_e4m3fn", None)
 
 
@@ -31,9 +33,9 @@ def check_fp8_available() -> None:
 
 
 def _compute_dtype(x: torch.Tensor) -> torch.dtype:
-    device_type = x.device.type
-    if torch.is_autocast_enabled(device_type):
-        return torch.get_autocast_dtype(device_type)
+    dtype = devices.autocast_dtype(x.device)
+    if dtype is not None:
+        return dtype
     return x.dtype if x.is_floating_point() else torch.float32
 
 

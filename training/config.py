@@ -30,7 +30,19 @@ ATTENTION_BACKENDS = ("sdpa", "eager")
 QUANTIZE = ("none", "4bit")
 SAMPLERS = ("euler", "euler_a", "ddim", "dpm++")
 MAX_TOKEN_LENGTHS = (75, 150, 225)
-DEVICES = ("auto", "cpu", "cuda", "mps")
+DEVICES = ("auto", "cpu", "cuda", "xpu", "mps")  # auto: CUDA/ROCm, then XPU, then MPS, then the CPU (devices.py)
+INDEXED_DEVICES = ("cuda", "xpu")  # these also take an index: cuda:1, xpu:0 (what ComfyUI hands the node)
+
+
+def is_indexed_device(name) -> bool:
+    """cuda:N / xpu:N: a device of INDEXED_DEVICES with its index."""
+    kind, colon, index = str(name).partition(":")
+    return kind in INDEXED_DEVICES and colon == ":" and index.isdigit()
+
+
+def is_device_name(name) -> bool:
+    """Whether ``name`` is a valid ``device`` setting: one of DEVICES, or cuda:N / xpu:N."""
+    return name in DEVICES or is_indexed_device(name)
 
 
 _RESERVED_NAMES = {"con", "prn", "aux", "nul"} | {f"{p}{i}" for p in ("com", "lpt") for i in range(1, 10)}
@@ -69,7 +81,8 @@ _RULES = ("min", "max", "gt", "lt", "multiple_of", "choices")
 
 def setting(default=dataclasses.MISSING, help: str = "", *, factory=None, group: str, doc: str | None = None,
             default_doc: str | None = None, min=None, max=None, gt=None, lt=None, multiple_of=None, choices=None,
-            optional: bool = False, advice: str | None = None, widget: dict | None = None):
+            optional: bool = False, advice: str | None = None, widget: dict | None = None,
+            also: tuple | None = None):
     """A TrainConfig field that describes itself, as peft's ``field(metadata={"help": ...})``.
 
     help: one line (node tooltips); doc: the longer text of docs/configuration.md (default: help);
@@ -77,12 +90,14 @@ def setting(default=dataclasses.MISSING, help: str = "", *, factory=None, group:
     min/max (inclusive), gt/lt (exclusive), multiple_of, choices: what ``validate()`` accepts, and the
     widgets' range unless ``widget`` narrows it for the UI (min/max/step, inside the accepted range).
     optional: None is accepted too; advice: appended to the refusal message.
+    also: (predicate, text): values outside ``choices`` that are accepted too, and how the rule says so
+    (``device``: cuda:N / xpu:N beside the names).
     """
     if group not in GROUPS:
         raise ValueError(f"unknown group {group!r}")
     metadata = {"help": help, "group": group, "doc": doc or help, "optional": optional}
     for key, value in (("default_doc", default_doc), ("min", min), ("max", max), ("gt", gt), ("lt", lt),
-                       ("multiple_of", multiple_of), ("choices", choices), ("advice", advice), ("widget", widget)):
+                       ("multiple_of", multiple_of), ("choices", choices), ("advice", advice), ("widget", widget), ("also", also)):
         if value is not None:
             metadata[key] = tuple(value) if key == "choices" else value
     if factory is not None:
@@ -98,6 +113,8 @@ def rule_text(meta: dict, whole: bool) -> str:
     """What a field accepts, as the refusal message says it: 'use a whole number from 1 to 1024'."""
     if "choices" in meta:
         text = f"use one of {', '.join(map(str, meta['choices']))}"
+        if "also" in meta:
+            text += f", or {meta['also'][1]}"
     else:
         noun = f"a multiple of {meta['multiple_of']}" if "multiple_of" in meta else \
             "a whole number" if whole else "a number"
@@ -132,7 +149,7 @@ def field_problem(f, value) -> str | None:
         return None
     try:
         if "choices" in meta:
-            ok = value in meta["choices"]
+            ok = value in meta["choices"] or ("also" in meta and meta["also"][0](value))
         else:
             ok = isinstance(value, int) if _is_whole(f) else \
                 isinstance(value, (int, float)) and math.isfinite(value)
@@ -217,8 +234,14 @@ class TrainConfig:
     )
     precision: str = setting(
         "fp32",
-        "`fp32`, `bf16` (mixed precision through accelerate) or `fp16` (GPU only, with loss scaling); adapter "
-        "weights stay fp32",
+        "`fp32`, `bf16` (mixed precision through accelerate) or `fp16` (with loss scaling); adapter weights stay "
+        "fp32. A precision the device cannot run is replaced and said aloud (fp16 on the CPU: fp32)",
+        doc=(
+            "`fp32`, `bf16` (mixed precision through accelerate) or `fp16` (with loss scaling); adapter weights stay "
+            "fp32. A precision the device cannot run is replaced and said once (log, node status line, "
+            "`lora_trainer.precision_note` in the file): fp16 on the CPU trains in fp32, bf16 on a GPU without it in "
+            "fp16 (docs/devices.md)"
+        ),
         group="optimisation", choices=PRECISIONS,
     )
     target: str = setting(
@@ -246,8 +269,15 @@ class TrainConfig:
     )
     device: str = setting(
         "auto",
-        "`auto` (CUDA if present), `cpu`, `cuda`, `cuda:N`; under `accelerate launch` each process uses its own",
-        group="model",
+        "`auto`: CUDA (or ROCm), then XPU, then MPS, then the CPU; under `accelerate launch` each process uses its "
+        "own",
+        doc=(
+            "`auto`: CUDA (or ROCm, which torch reports as CUDA), then Intel XPU, then Apple MPS, then the CPU; or a "
+            "device by name. A precision the device cannot run is replaced and said aloud (log, node status, "
+            "`lora_trainer.precision_note` in the file; docs/devices.md). Under `accelerate launch` "
+            "each process uses its own"
+        ),
+        group="model", choices=DEVICES, also=(is_indexed_device, "cuda:N / xpu:N"),
     )
     overwrite: bool = setting(
         False,
@@ -887,7 +917,6 @@ class TrainConfig:
                 parse_prompt(line)
             except PromptError as e:
                 raise ConfigError(f"sample_prompts: {e}") from None
-        need(self.device in DEVICES or self.device.startswith("cuda:"), "device", f"use one of {', '.join(DEVICES)}")
         if self.output_name.lower().endswith(".safetensors"):
             self.output_name = self.output_name[: -len(".safetensors")]
         problem = output_name_problem(self.output_name)

@@ -1,7 +1,8 @@
 """The training run, top to bottom: dataset -> caches -> base model -> adapters -> loop -> export.
 
 Hosts (the ComfyUI nodes, the CLI) call ``train(config, events=..., should_stop=...)``. Events are plain
-dicts: ``log`` {message}, ``cache`` {done, total}, ``start`` {total, images, samples, processes, start_step,
+dicts: ``log`` {message}, ``cache`` {done, total}, ``start`` {total, images, samples, processes, device,
+precision (what the device trains in), precision_note (why that differs from the setting, or ''), start_step,
 losses (a resumed run's losses up to start_step, kept in its state)},
 ``step`` {step, total, loss, lr, elapsed}, ``checkpoint`` {step, path} (a LoRA saved every N steps),
 ``state`` {step, path} (a resumable state), ``sample`` {step, images: [PIL], prompts, paths},

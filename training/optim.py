@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import torch
 
+from .devices import fused_adamw_available
+
 
 class OptionalDependencyError(ImportError):
     """An option that needs a package which is not installed; the message names the package."""
@@ -40,12 +42,6 @@ def _check_8bit_states(bnb, device) -> None:
     _8BIT_STATES_OK.add(str(device))
 
 
-def _fused_adamw_supported(device) -> bool:
-    """torch's fused AdamW runs on the CPU and CUDA (torch >= 2.4); elsewhere (MPS, XPU) keep the default."""
-    kind = torch.device(device).type if device is not None else "cpu"
-    return kind in ("cpu", "cuda") and tuple(int(p) for p in torch.__version__.split(".")[:2]) >= (2, 4)
-
-
 def make_optimizer(name: str, param_groups: list[dict], lr: float, weight_decay: float, args: dict | None = None,
                    device=None):
     """torch.optim.Optimizer for ``name``; ``args`` are passed through (kohya's ``optimizer_args``)."""
@@ -53,7 +49,7 @@ def make_optimizer(name: str, param_groups: list[dict], lr: float, weight_decay:
     if "betas" in args:
         args["betas"] = tuple(args["betas"])
     if name == "adamw":
-        if "fused" not in args and "foreach" not in args and _fused_adamw_supported(device):
+        if "fused" not in args and "foreach" not in args and fused_adamw_available(device):
             # One fused kernel for all LoRA tensors instead of ~10 small ops per tensor: torch uses the
             # per-tensor loop on the CPU by default, which was ~10 % of a tiny-model step (bench/README.md).
             args["fused"] = True

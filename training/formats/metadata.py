@@ -23,6 +23,7 @@ from .families import (
 )
 
 MODELSPEC_VERSION = "1.0.1"
+PRECISION_NOTE_KEY = "lora_trainer.precision_note"  # ours: kohya has no key for a precision the device changed
 
 
 @dataclass
@@ -78,7 +79,8 @@ class RunInfo:
     lr_warmup_steps: int | None = None
     max_grad_norm: float | None = None
     gradient_checkpointing: bool | None = None
-    mixed_precision: str | None = None        # "no" | "fp16" | "bf16"
+    mixed_precision: str | None = None        # "no" | "fp16" | "bf16": what the run really trained in
+    precision_note: str | None = None         # why that differs from the precision asked for (devices.py)
     seed: int | None = None
     noise_offset: float | None = None
     min_snr_gamma: float | None = None
@@ -194,6 +196,7 @@ def make_metadata(info: RunInfo) -> dict[str, str]:
     put("ss_max_grad_norm", info.max_grad_norm)
     put("ss_gradient_checkpointing", info.gradient_checkpointing)
     put("ss_mixed_precision", info.mixed_precision)
+    put(PRECISION_NOTE_KEY, info.precision_note)
     put("ss_seed", info.seed)
     put("ss_noise_offset", info.noise_offset)
     put("ss_min_snr_gamma", info.min_snr_gamma)

@@ -15,6 +15,7 @@ from typing import Any, Protocol
 
 import torch
 
+from .. import devices
 from ..models import load_base_model
 from .context import RunContext
 
@@ -35,7 +36,8 @@ def load_base(ctx: RunContext, base: BaseModel | None) -> BaseModel:
     if base is None:
         ctx.log(f"loading {config.checkpoint}")
         base = load_base_model(config.checkpoint, config.tokenizer, family=config.family)
-    ctx.log(f"model family {base.family}, device {ctx.device}, precision {config.precision}, "
+    ctx.log(f"model family {base.family}, device {devices.describe(ctx.device)}, "
+            f"precision {ctx.run_device.precision}, "
             f"processes {ctx.world}, adapter {config.adapter} ({config.target}), optimizer {config.optimizer}")
     if config.zero_terminal_snr and base.prediction_type != "v_prediction":
         ctx.log("warning: zero_terminal_snr with an epsilon-prediction model; it is meant for v-prediction")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import time
 from dataclasses import dataclass, field
@@ -10,12 +11,10 @@ from typing import Callable
 
 import torch
 
+from .. import devices
 from ..adapters import check_quantize_available
 from ..config import TrainConfig
 from ..optim import make_optimizer
-
-PRECISION_TO_ACCELERATE = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}
-WEIGHT_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 class TrainingError(RuntimeError):
@@ -25,14 +24,21 @@ class TrainingError(RuntimeError):
 @dataclass
 class RunContext:
     config: TrainConfig
-    device: torch.device
-    weight_dtype: torch.dtype
+    run_device: devices.RunDevice  # where and in what precision the run trains (what was asked: config)
     accelerator: object
     user_emit: Callable[[dict], None]
     stop: Callable[[], bool]
     started: float = field(default_factory=time.time)
     started_at: datetime = field(default_factory=lambda: datetime.now(timezone.utc))
     stats: dict = field(default_factory=lambda: {"vae_calls": 0, "latent_cache_hits": 0, "text_encoder_calls": 0})
+
+    @property
+    def device(self) -> torch.device:
+        return self.run_device.device
+
+    @property
+    def weight_dtype(self) -> torch.dtype:
+        return self.run_device.dtype
 
     @property
     def world(self) -> int:
@@ -60,15 +66,7 @@ class RunContext:
         return values
 
 
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda")
-        return torch.device("cpu")
-    return torch.device(name)
-
-
-def make_accelerator(config: TrainConfig, device: torch.device):
+def make_accelerator(config: TrainConfig, run_device: devices.RunDevice):
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState
 
@@ -76,30 +74,29 @@ def make_accelerator(config: TrainConfig, device: torch.device):
     # (ComfyUI, the tests) must be free to change it between runs.
     if AcceleratorState._shared_state and int(os.environ.get("WORLD_SIZE", "1")) == 1:
         AcceleratorState._reset_state(reset_partial_state=True)
-    return Accelerator(
-        mixed_precision=PRECISION_TO_ACCELERATE[config.precision],
-        gradient_accumulation_steps=config.gradient_accumulation_steps,
-        cpu=device.type == "cpu",
-    )
+    return Accelerator(**run_device.accelerator_kwargs(),
+                       gradient_accumulation_steps=config.gradient_accumulation_steps)
 
 
 def start_run(config: TrainConfig, emit, stop) -> RunContext:
     """Check what can be checked before a model is loaded, then set up the device and the accelerator."""
     started, started_at = time.time(), datetime.now(timezone.utc)
-    device = resolve_device(config.device)
-    weight_dtype = WEIGHT_DTYPES[config.precision]
-    if device.type == "cpu" and weight_dtype == torch.float16:
-        raise TrainingError("precision = 'fp16' needs a GPU (fp16 loss scaling is CUDA-only); "
-                            "use 'bf16' or 'fp32' on the CPU")
+    try:  # the device, and the precision it really trains in (a precision it lacks is replaced, with a note)
+        run_device = devices.plan(config.device, config.precision)
+    except (devices.DeviceError, devices.PrecisionError) as e:
+        raise TrainingError(str(e)) from None
     if config.quantize_base == "4bit":
-        check_quantize_available(device, weight_dtype)
+        check_quantize_available(run_device.device, run_device.dtype)
     if config.optimizer in ("adamw8bit", "prodigy", "lion"):  # fail before loading a model
         make_optimizer(config.optimizer, [{"params": [torch.nn.Parameter(torch.zeros(1))]}], 1e-4, 0.0,
-                       config.optimizer_args, device)
-    accelerator = make_accelerator(config, device)
-    if accelerator.num_processes > 1:
-        device = accelerator.device
-    return RunContext(config, device, weight_dtype, accelerator, emit, stop, started, started_at)
+                       config.optimizer_args, run_device.device)
+    accelerator = make_accelerator(config, run_device)
+    if accelerator.num_processes > 1:  # under accelerate launch each process trains on its own device
+        run_device = dataclasses.replace(run_device, device=accelerator.device)
+    ctx = RunContext(config, run_device, accelerator, emit, stop, started, started_at)
+    if run_device.note:  # said once, before anything loads: the CLI prints it, the node shows it
+        ctx.log(run_device.note)
+    return ctx
 
 
 def output_path(config: TrainConfig) -> str | None:

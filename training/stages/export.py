@@ -13,7 +13,7 @@ from ..formats import LoraWeights, RunInfo, kohya_state_dict_from_models, make_m
 from ..formats.metadata import kohya_extras_metadata
 from ..sampling import parse_prompt, sample_images
 from ..state import save_state, state_path
-from .context import PRECISION_TO_ACCELERATE, RunContext, TrainingError
+from .context import RunContext, TrainingError
 from .data import Data
 from .trainable import Trainable
 
@@ -83,7 +83,8 @@ def lora_weights(ctx: RunContext, base, data: Data, trainable: Trainable, step: 
         gradient_accumulation_steps=config.gradient_accumulation_steps,
         max_grad_norm=config.max_grad_norm,
         gradient_checkpointing=config.gradient_checkpointing,
-        mixed_precision=PRECISION_TO_ACCELERATE[config.precision],
+        mixed_precision=ctx.run_device.mixed_precision,  # what was really used (devices.plan)
+        precision_note=ctx.run_device.note or None,
         noise_offset=config.noise_offset or None,
         min_snr_gamma=config.min_snr_gamma or None,
         loss_type=config.loss_type,

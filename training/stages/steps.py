@@ -113,7 +113,8 @@ def train_steps(ctx: RunContext, base, data: Data, trainable: Trainable, objecti
                      config.batch_size * ctx.world, config.seed)
     ctx.emit({"type": "start", "total": config.steps, "images": data.dataset.num_images,
               "samples": data.dataset.num_samples, "processes": ctx.world, "device": str(ctx.device),
-              "precision": config.precision, "start_step": run.step,
+              "precision": ctx.run_device.precision, "precision_note": ctx.run_device.note,
+              "start_step": run.step,
               "losses": list(run.losses)})  # a resumed run's earlier losses, from its state
     if config.sample_every_n_steps and run.step == 0:
         export.sample(ctx, base, trainable, 0)
