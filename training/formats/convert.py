@@ -30,11 +30,9 @@ from .names import (
     ALPHA,
     DORA,
     KOHYA_PREFIXES,
-    ldm_unet_path_to_diffusers,
-    lora_name,
+    comfy_unet_name,
     te_name,
     unet_name,
-    unet_structure,
 )
 
 # peft/diffusers tensor suffix -> LyCORIS suffix
@@ -134,11 +132,7 @@ class _Namer:
         return unet_name(self.family or "sd1", _diffusers_unet_path(path), self.structure)
 
     def unet_ldm(self, path: str) -> str:
-        if self.family == "sdxl":
-            return lora_name("lora_unet", path)
-        L, up = unet_structure(self.family or "sd1", self.structure)
-        diffusers = ldm_unet_path_to_diffusers(path, L, up)
-        return lora_name("lora_unet", diffusers if diffusers is not None else path)
+        return comfy_unet_name(self.family or "sd1", path, self.structure)
 
     def te(self, index: int, path: str) -> str:
         if self.family == "sdxl":

@@ -19,6 +19,7 @@ from .families import (
     MODELSPEC_ARCHITECTURE,
     MODELSPEC_IMPLEMENTATION,
     PREDICTION_TYPE,
+    ALL_FAMILIES,
     check_family,
 )
 
@@ -129,7 +130,7 @@ def make_metadata(info: RunInfo) -> dict[str, str]:
 
     The ``sshs_*`` hashes are added by :func:`save_lora_file` from the bytes it writes.
     """
-    family = check_family(info.family)
+    family = check_family(info.family, ALL_FAMILIES)
     md: dict[str, Any] = {}
 
     def put(key: str, value: Any) -> None:
