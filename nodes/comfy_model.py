@@ -180,8 +180,9 @@ class TextConditioning:
                             "(scheduled CLIP hooks or combined conditionings are not supported)")
         cond, extras = conditioning[0]
         with torch.inference_mode(False):
+            # None values stay: some extra_conds read the key itself (0.3.64's Flux/Chroma: kwargs["pooled_output"])
             keep = {k: (v.detach().cpu().clone() if torch.is_tensor(v) else v) for k, v in extras.items()
-                    if k in TEXT_EXTRAS and v is not None}
+                    if k in TEXT_EXTRAS}
             return cls(cond.detach().cpu().clone(), keep)
 
 

@@ -1,6 +1,6 @@
 """Issue 16 groundwork in a real ComfyUI (in-process): nodes/comfy_model.py on tiny models of every DiT family
 ComfyUI loads, built from ComfyUI's own classes and loaded by ComfyUI's own ``load_diffusion_model_state_dict``
-(tests/integration/comfy_tiny.py says which sizes detection reads from the shapes and which it is told).
+(tests/integration/comfy_tiny.py: detection reads the sizes from the shapes and is told only those it fixes).
 
 For each family: the provider names the family and finds the expected adapter modules; a forward pass runs on
 the CPU and agrees with ComfyUI's denoised output; a minimal training run (a STAND-IN for the real loop, which
@@ -10,7 +10,8 @@ through ComfyUI's own lora loading with zero "lora key not loaded" and reproduce
 within 1e-5 (fp32).
 
 Text encoders: none are built. The tiny models read conditioning tensors of the right width passed directly
-(``TextConditioning``: a [1, 7, 64] context and, for Flux/SD3, a [1, 32] pooled vector), i.e. what
+(``TextConditioning``: a [1, 7, 64] context and the extras the family's real encoders give: a [1, 32]
+pooled vector for Flux/SD3, ``pooled_output = None`` for Chroma, the token mask for Lumina2), i.e. what
 ``CLIP.encode_from_tokens_scheduled`` returns; ``ComfyBaseModel.encode_text`` is checked with a stand-in CLIP.
 """
 
@@ -100,8 +101,8 @@ def _overfit_set(provider, tiny, seed=0):
         x0.append(torch.randn(shape, generator=g))
         noise.append(torch.randn(shape, generator=g))
         sigma.append(sample_sigmas(1, FlowTimesteps(timestep_sampling="sigmoid"), g))
-        extras = {"pooled_output": torch.randn(1, comfy_tiny.POOLED_DIM, generator=g)} if tiny.pooled else {}
-        conds.append(TextConditioning(torch.randn(1, 7, comfy_tiny.CONTEXT_DIM, generator=g), extras))
+        conds.append(TextConditioning(torch.randn(1, 7, comfy_tiny.CONTEXT_DIM, generator=g),
+                                      comfy_tiny.text_extras(tiny, 7, g)))
     return torch.stack(x0), torch.stack(noise), torch.cat(sigma), conds
 
 
@@ -141,9 +142,10 @@ def figures():
     out = {}
     yield out
     if out:
-        sys.stderr.write("\n[comfy_model] family: loss ratio, max |diff| in ComfyUI, keys loaded\n")
-        for family, (ratio, diff, keys) in out.items():
-            sys.stderr.write(f"[comfy_model] {family}: {ratio:.3f}, {diff:.2e}, {keys}\n")
+        sys.stderr.write("\n[comfy_model] family: loss ratio, max |diff| in ComfyUI, keys loaded, "
+                         "fields detection was told\n")
+        for family, (ratio, diff, keys, told) in out.items():
+            sys.stderr.write(f"[comfy_model] {family}: {ratio:.3f}, {diff:.2e}, {keys}, {sorted(told) or '-'}\n")
 
 
 @pytest.mark.parametrize("family", list(FAMILY_TARGETS))
@@ -207,7 +209,7 @@ def test_family_loads_trains_and_round_trips(comfy_lib, family, tmp_path, figure
     diff = float((trained_out - comfy_out).abs().max())
     assert diff < 1e-5, diff
     assert float((trained_out - base_out).abs().max()) > 100 * max(diff, 1e-7)  # the LoRA changes the output
-    figures[family] = (after / before, diff, f"{len(patched.patches)}/{len(targets)}")
+    figures[family] = (after / before, diff, f"{len(patched.patches)}/{len(targets)}", tiny.told)
 
 
 def _provider_on(patcher):
