@@ -7,7 +7,7 @@ tests/integration/test_comfy_model_families.py."""
 import pytest
 import torch
 
-from comfyui_lora_trainer.training.adapters import add_adapter, make_peft_config
+from comfyui_lora_trainer.training.adapters import add_adapter, make_peft_config, remove_adapters
 from comfyui_lora_trainer.training.formats.convert import to_kohya
 from comfyui_lora_trainer.training.formats.export import export_diffusion_model
 from comfyui_lora_trainer.training.formats.families import MODEL_FAMILIES, family_from_metadata
@@ -74,10 +74,17 @@ class _Tiny(torch.nn.Module):
 
 def test_export_diffusion_model_uses_the_module_paths_and_reads_back_unchanged():
     model = _Tiny()
+    original = {k: v.clone() for k, v in model.state_dict().items()}
     targets = [f"double_blocks.{i}.img_attn.{m}" for i in range(2) for m in ("qkv", "proj")]
     torch.manual_seed(0)
     add_adapter(model, make_peft_config("lora", 2, 4.0, targets))
     result = export_diffusion_model("flux-dev", model)
+    # trained in place, handed back: the owner's modules and weights as they were
+    layers = {t: model.get_submodule(t).get_base_layer() for t in targets}
+    assert remove_adapters(model) == 4 and not hasattr(model, "peft_config")
+    assert all(model.get_submodule(t) is layers[t] for t in targets)
+    assert model.state_dict().keys() == original.keys()
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in original.items())
     assert {k.split(".")[0] for k in result.tensors} == {comfy_unet_name("flux-dev", t) for t in targets}
     assert float(result.tensors["lora_unet_double_blocks_1_img_attn_proj.alpha"]) == 4.0
     md = make_metadata(RunInfo(family="flux-dev"))

@@ -53,22 +53,12 @@ class _Collect(logging.Handler):
         self.messages.append(record.getMessage())
 
 
-@pytest.fixture(scope="module")
-def comfy_lib(comfyui_dir):
-    if str(comfyui_dir) not in sys.path:
-        sys.path.insert(0, str(comfyui_dir))
-    import comfy.cli_args
-
-    if not torch.cuda.is_available():
-        comfy.cli_args.args.cpu = True
-    import comfy.lora
-    import comfy.sd
-    import comfy.utils
-
-    # one thread: on a shared CPU, two OpenMP threads wait on each other at every tiny matmul (20x slower)
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    # on a shared CPU, two OpenMP threads wait on each other at every tiny matmul (20x slower here)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
-    yield comfy
+    yield
     torch.set_num_threads(threads)
 
 
@@ -77,11 +67,11 @@ def _provider(tiny, **kw):
     nodes run), prepared for training."""
     import comfy_tiny
 
-    from comfyui_lora_trainer.nodes.comfy_model import ComfyBaseModel
+    from comfyui_lora_trainer.nodes.host import ComfyHost
 
     with torch.inference_mode():
         patcher = comfy_tiny.load(tiny)
-    provider = ComfyBaseModel(patcher, **kw)
+    provider = ComfyHost().base_model(patcher, **kw)  # the node layer's way in
     provider.prepare()
     return provider
 
@@ -209,6 +199,14 @@ def test_family_loads_trains_and_round_trips(comfy_lib, family, tmp_path, figure
     diff = float((trained_out - comfy_out).abs().max())
     assert diff < 1e-5, diff
     assert float((trained_out - base_out).abs().max()) > 100 * max(diff, 1e-7)  # the LoRA changes the output
+
+    # after training in place, ComfyUI's model is its own again: same modules and keys, the base output
+    from comfyui_lora_trainer.training.adapters import remove_adapters
+
+    assert remove_adapters(provider.diffusion_model) == len(targets)
+    assert provider.diffusion_model.state_dict().keys() == fresh.diffusion_model.state_dict().keys()
+    with torch.no_grad():
+        torch.testing.assert_close(provider.forward(x, sigma, conds), base_out, atol=1e-6, rtol=0)
     figures[family] = (after / before, diff, f"{len(patched.patches)}/{len(targets)}", tiny.told)
 
 
