@@ -120,10 +120,9 @@ def test_shifts_move_the_distribution_the_documented_way():
     assert abs(plain - 0.5) < 0.02 and shifted > plain + 0.1 and large > small + 0.05
 
 
-def test_options_check_their_fields():
+def test_unknown_sampling_and_missing_size_are_refused():
+    # the ranges and choices of the options are TrainConfig's flow settings (tests/test_loss_flow.py)
     with pytest.raises(ValueError, match="timestep_sampling = 'logit'"):
-        FlowTimesteps(timestep_sampling="logit")
-    with pytest.raises(ValueError, match="discrete_flow_shift"):
-        FlowTimesteps(discrete_flow_shift=0.0)
+        sample_sigmas(2, FlowTimesteps(timestep_sampling="logit"), gen(0))
     with pytest.raises(ValueError, match="latent size"):
         sample_sigmas(2, FlowTimesteps(timestep_sampling="flux_shift"), gen(0))

@@ -24,7 +24,7 @@ with the velocity target (kohya itself recommends ``raw``); here the prediction 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, fields
 
 import torch
 
@@ -37,49 +37,24 @@ WEIGHTING_SCHEMES = ("none", "sigma_sqrt", "logit_normal", "mode", "cosmap")
 _MU_POINTS = (256.0, 0.5, 4096.0, 1.15)
 
 
-def _opt(default, help: str, choices=None, min=None, max=None):
-    meta = {"help": help}
-    if choices is not None:
-        meta["choices"] = choices
-    if min is not None:
-        meta["min"] = min
-    if max is not None:
-        meta["max"] = max
-    return field(default=default, metadata=meta)
-
-
 @dataclass(frozen=True)
 class FlowTimesteps:
-    """How a flow-matching run picks its noise levels and weights its loss (kohya's option names and defaults,
-    except ``timestep_sampling``, whose kohya default ``sigma`` is kept but documented as the SD3 way)."""
+    """How a flow-matching run picks its noise levels and weights its loss: kohya's option names and defaults.
+    What each one means, and the values it accepts, are TrainConfig's ``flow`` settings (training/config.py),
+    which take their defaults from here and are validated there."""
 
-    timestep_sampling: str = _opt(
-        "sigma", "how each sample's noise level is drawn: sigma (weighting_scheme's density on the 1000-step "
-        "grid, shifted by discrete_flow_shift; kohya's default), uniform, sigmoid (logit-normal: "
-        "sigmoid(sigmoid_scale * N(0,1))), shift (sigmoid, then shifted by discrete_flow_shift), flux_shift "
-        "(sigmoid, then shifted by mu from the image size; recommended for Flux), nextdit_shift (uniform, "
-        "then shifted by mu; Lumina2)", choices=TIMESTEP_SAMPLING)
-    sigmoid_scale: float = _opt(1.0, "scale of the normal draw before the sigmoid (sigmoid, shift, flux_shift); "
-                                "larger spreads the noise levels towards 0 and 1", min=0.001, max=100.0)
-    discrete_flow_shift: float = _opt(3.0, "shift s of sigma -> s*sigma / (1 + (s-1)*sigma) for sigma and "
-                                      "shift sampling; > 1 favours noisier levels", min=0.001, max=100.0)
-    weighting_scheme: str = _opt(
-        "none", "loss weight per noise level (sigma_sqrt: 1/sigma^2, cosmap: 2/(pi*(1-2s+2s^2)); none, "
-        "logit_normal and mode weigh 1) and, for timestep_sampling = sigma, the density it draws from "
-        "(logit_normal, mode; others uniform)", choices=WEIGHTING_SCHEMES)
-    logit_mean: float = _opt(0.0, "mean of the normal draw of logit_normal", min=-10.0, max=10.0)
-    logit_std: float = _opt(1.0, "standard deviation of the normal draw of logit_normal", min=0.001, max=10.0)
-    mode_scale: float = _opt(1.29, "scale of the mode density (weighting_scheme = mode)", min=-10.0, max=10.0)
+    timestep_sampling: str = "sigma"  # one of TIMESTEP_SAMPLING
+    sigmoid_scale: float = 1.0
+    discrete_flow_shift: float = 3.0
+    weighting_scheme: str = "none"  # one of WEIGHTING_SCHEMES
+    logit_mean: float = 0.0
+    logit_std: float = 1.0
+    mode_scale: float = 1.29
 
-    def __post_init__(self):
-        for f in fields(self):
-            value = getattr(self, f.name)
-            choices = f.metadata.get("choices")
-            if choices is not None and value not in choices:
-                raise ValueError(f"{f.name} = {value!r}: use one of {', '.join(choices)}")
-            lo, hi = f.metadata.get("min"), f.metadata.get("max")
-            if lo is not None and not (lo <= float(value) <= hi):
-                raise ValueError(f"{f.name} = {value!r}: use a value from {lo} to {hi}")
+    @classmethod
+    def from_config(cls, config) -> "FlowTimesteps":
+        """The options of a config (any object with these attributes, e.g. TrainConfig)."""
+        return cls(**{f.name: getattr(config, f.name) for f in fields(cls)})
 
 
 # ---------------------------------------------------------------------------------------------- shifts
@@ -140,7 +115,8 @@ def sample_sigmas(n: int, options: FlowTimesteps, generator: torch.Generator | N
         if mode == "flux_shift":
             return time_shift(_mu(latent_size, mode), sigmas.clamp(min=1e-7))
         return sigmas
-    # "sigma"
+    if mode != "sigma":
+        raise ValueError(f"timestep_sampling = {mode!r}: use one of {', '.join(TIMESTEP_SAMPLING)}")
     u = density_sample(n, options, generator)
     index = (u * NUM_TRAIN_TIMESTEPS).long().clamp(0, NUM_TRAIN_TIMESTEPS - 1)
     grid = (NUM_TRAIN_TIMESTEPS - index).float() / NUM_TRAIN_TIMESTEPS
