@@ -150,15 +150,14 @@ class Epsilon:
     def target(self, objective, latents, noise, timesteps):
         return noise
 
-    def weights(self, objective, timesteps):
-        """The parameterisation's own weight per sample (min-SNR-gamma, debiased estimation), or None."""
-        w = None
+    def weights(self, objective, timesteps) -> list:
+        """The per-sample weights the loss is multiplied by, in order (min-SNR-gamma, debiased estimation)."""
+        out = []
         if objective.min_snr_gamma > 0:
-            w = min_snr_weights(objective.scheduler, timesteps, objective.min_snr_gamma, self.name)
+            out.append(min_snr_weights(objective.scheduler, timesteps, objective.min_snr_gamma, self.name))
         if objective.debiased:
-            d = debiased_weights(objective.scheduler, timesteps, self.name)
-            w = d if w is None else w * d
-        return w
+            out.append(debiased_weights(objective.scheduler, timesteps, self.name))
+        return out
 
     def huber_timesteps(self, timesteps):
         return timesteps, None
@@ -189,8 +188,8 @@ class FlowMatching:
     def target(self, objective, latents, noise, sigmas):
         return flow.velocity_target(latents, noise)
 
-    def weights(self, objective, sigmas):
-        return flow.loss_weighting(sigmas, objective.flow_options.weighting_scheme).to(sigmas.device)
+    def weights(self, objective, sigmas) -> list:
+        return [flow.loss_weighting(sigmas, objective.flow_options.weighting_scheme).to(sigmas.device)]
 
     def huber_timesteps(self, sigmas):
         return flow.timesteps_of(sigmas), flow.NUM_TRAIN_TIMESTEPS
@@ -264,5 +263,6 @@ class Objective:
             t, total = self.parameterisation.huber_timesteps(timesteps)
             huber_c = huber_threshold(self.huber_schedule, self.huber_c, self.huber_scale, self.scheduler, t, total)
         per = per_sample_loss(prediction, target, self.loss_type, huber_c)
-        weights = self.parameterisation.weights(self, timesteps)
-        return per if weights is None else per * weights
+        for weight in self.parameterisation.weights(self, timesteps):
+            per = per * weight
+        return per
