@@ -217,6 +217,14 @@ class ComfyHost:
         except Exception:  # no server (scripts, tests): nothing listens
             pass
 
+    # -- the graph's models as a training base ---------------------------------------------------
+    def base_model(self, model, clip=None, vae=None, **options):
+        """The MODEL (+ CLIP, VAE) of the graph as what the training loop needs (nodes/comfy_model.py:
+        ComfyBaseModel; ``options``: family, guidance). Refuses untested families by name."""
+        from .comfy_model import ComfyBaseModel
+
+        return ComfyBaseModel(model, clip, vae, **options)
+
     # -- LoRA patching -------------------------------------------------------------------------
     def apply_lora(self, model, clip, tensors: dict, strength_model: float, strength_clip: float):
         import comfy.sd

@@ -112,6 +112,21 @@ def add_adapter(model, peft_config, adapter_name: str = "default") -> None:
             module.set_adapter(adapter_name)
 
 
+def remove_adapters(model) -> int:
+    """Put every peft layer's base layer back where peft put the wrapper (unmerged: the base weights are as
+    they were) and drop ``model.peft_config``; returns the number of layers. For a model trained in place that
+    its owner keeps using (ComfyUI's MODEL patches weights by their original module paths)."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    layers = [(name, m) for name, m in model.named_modules() if isinstance(m, BaseTunerLayer)]
+    for name, layer in layers:
+        parent_name, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent_name) if parent_name else model, child, layer.get_base_layer())
+    if hasattr(model, "peft_config"):
+        del model.peft_config
+    return len(layers)
+
+
 def _attach(model, peft_config, what: str, adapter_name: str):
     model.requires_grad_(False)
     try:

@@ -13,6 +13,7 @@ import math
 import os
 from dataclasses import dataclass, field
 
+from .flow import TIMESTEP_SAMPLING, WEIGHTING_SCHEMES, FlowTimesteps
 from .formats.families import FAMILIES
 from .sampling import PromptError, parse_prompt
 
@@ -74,6 +75,7 @@ GROUPS = {  # each field's `group`: its table's heading in docs/configuration.md
     "adapter": "Adapter",
     "optimisation": "Optimisation",
     "data": "Data",
+    "flow": "Flow matching (SD3/SD3.5, Flux.1, Chroma, Lumina2, Qwen-Image)",
     "runs": "Saving, resuming, stopping, samples",
 }
 _RULES = ("min", "max", "gt", "lt", "multiple_of", "choices")
@@ -164,6 +166,7 @@ def field_problem(f, value) -> str | None:
 # rules several fields share
 _LORAPLUS_RATIO = dict(group="adapter", min=0, advice="0: off; 16 is the LoRA+ paper's advice",
                        widget=dict(max=1000.0, step=0.5))
+_FLOW = FlowTimesteps()  # kohya's defaults, kept by the math module
 _DROPOUT = dict(group="adapter", min=0, lt=1, advice="0: off; 0.1 is common", widget=dict(max=0.99, step=0.01))
 
 
@@ -728,6 +731,62 @@ class TrainConfig:
             "below 1 is a fraction of `steps`; 0 is off)"
         ),
         group="data", min=0, widget=dict(max=1000000.0, step=0.01),
+    )
+    timestep_sampling: str = setting(
+        _FLOW.timestep_sampling,
+        "flow models: how each sample's noise level is drawn (flux_shift is recommended for Flux)",
+        doc=(
+            "flow-matching models only (kohya's `--timestep_sampling`): `sigma` (the `weighting_scheme` density on "
+            "the 1000-step grid, shifted by `discrete_flow_shift`; kohya's default, the SD3 way), `uniform`, "
+            "`sigmoid` (logit-normal: sigmoid(`sigmoid_scale` * N(0,1))), `shift` (sigmoid, then shifted by "
+            "`discrete_flow_shift`), `flux_shift` (sigmoid, then shifted by mu from the image size; recommended "
+            "for Flux), `nextdit_shift` (uniform, then shifted by mu; Lumina2). Epsilon/v models draw timesteps "
+            "from `min_timestep`..`max_timestep` instead"
+        ),
+        group="flow", choices=TIMESTEP_SAMPLING,
+    )
+    sigmoid_scale: float = setting(
+        _FLOW.sigmoid_scale,
+        "flow models: scale of the normal draw before the sigmoid (sigmoid, shift, flux_shift)",
+        doc=(
+            "scale of the normal draw before the sigmoid (`sigmoid`, `shift`, `flux_shift`); larger spreads the "
+            "noise levels towards 0 and 1 (kohya's `--sigmoid_scale`)"
+        ),
+        group="flow", min=0.001, max=100.0, widget=dict(step=0.01),
+    )
+    discrete_flow_shift: float = setting(
+        _FLOW.discrete_flow_shift,
+        "flow models: shift s of sigma -> s*sigma / (1 + (s-1)*sigma) for sigma and shift sampling",
+        doc=(
+            "shift s of the noise level, sigma -> s*sigma / (1 + (s-1)*sigma), for `sigma` and `shift` sampling; "
+            "above 1 favours noisier levels (kohya's `--discrete_flow_shift`; 3.0 as SD3)"
+        ),
+        group="flow", min=0.001, max=100.0, widget=dict(step=0.05),
+    )
+    weighting_scheme: str = setting(
+        _FLOW.weighting_scheme,
+        "flow models: loss weight per noise level (sigma_sqrt, cosmap) or, with sigma sampling, its density",
+        doc=(
+            "flow-matching loss weight per noise level (`sigma_sqrt`: 1/sigma^2, `cosmap`: 2/(pi(1-2s+2s^2)); "
+            "`none`, `logit_normal` and `mode` weigh 1) and, for `timestep_sampling = sigma`, the density it "
+            "draws from (`logit_normal`, `mode`; the others uniform). kohya's and diffusers' `--weighting_scheme`"
+        ),
+        group="flow", choices=WEIGHTING_SCHEMES,
+    )
+    logit_mean: float = setting(
+        _FLOW.logit_mean,
+        "flow models: mean of the normal draw of weighting_scheme = logit_normal",
+        group="flow", min=-10.0, max=10.0, widget=dict(step=0.01),
+    )
+    logit_std: float = setting(
+        _FLOW.logit_std,
+        "flow models: standard deviation of the normal draw of weighting_scheme = logit_normal",
+        group="flow", min=0.001, max=10.0, widget=dict(step=0.01),
+    )
+    mode_scale: float = setting(
+        _FLOW.mode_scale,
+        "flow models: scale of the mode density (weighting_scheme = mode)",
+        group="flow", min=-10.0, max=10.0, widget=dict(step=0.01),
     )
     fp8_base: bool = setting(
         False,

@@ -1,10 +1,11 @@
 """The training objective: what a step draws (timestep, noise), what the model is asked to predict, and how
 each sample's error becomes its loss (kohya's loss types, min-SNR-gamma and debiased weighting).
 
-A parameterisation says how a noisy input is made and what the target is: ``epsilon`` (predict the noise),
-``v_prediction`` (predict ``alpha_t * noise - sigma_t * x0``). A flow-matching model (velocity
-``noise - x0`` at a sigma) is a third entry of ``PARAMETERISATIONS`` with its own timestep draw and weights;
-nothing outside this module needs to change for it.
+A parameterisation says what a sample draws, how a noisy input is made, what the target is and how each
+sample is weighted: ``epsilon`` (predict the noise), ``v_prediction`` (predict ``alpha_t * noise - sigma_t *
+x0``), both at DDPM timesteps, and ``flow`` (flow matching as SD3, Flux, Chroma, Lumina2 and Qwen-Image train:
+a noise level sigma in [0, 1] drawn by kohya's ``timestep_sampling``, input ``sigma * noise + (1 - sigma) *
+x0``, target the velocity ``noise - x0``, loss weighted by ``weighting_scheme``; the math is in flow.py).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from . import flow
 from .config import HUBER_SCHEDULES
 from .noise import sample_noise
 
@@ -86,18 +88,20 @@ def debiased_weights(scheduler, timesteps, prediction_type: str) -> torch.Tensor
 # loss functions
 # ---------------------------------------------------------------------------------------------
 
-def huber_threshold(schedule: str, huber_c: float, huber_scale: float, scheduler, timesteps: torch.Tensor):
+def huber_threshold(schedule: str, huber_c: float, huber_scale: float, scheduler, timesteps: torch.Tensor,
+                    num_train_timesteps: int | None = None):
     """The Huber / smooth-L1 parameter per sample, kohya's ``get_huber_threshold_if_needed``.
 
     ``constant``: ``huber_c * huber_scale`` (a float); ``exponential``: ``exp(-a t) * huber_scale`` with
     ``a = -ln(huber_c) / T`` (``huber_scale`` at t = 0 down to ``huber_c * huber_scale`` at t = T);
     ``snr``: ``(1 - huber_c) / (1 + sigma_t)^2 + huber_c`` with ``sigma_t = sqrt((1 - abar_t) / abar_t)``
     (about 1 at t = 0, ``huber_c`` at high noise; kohya applies no ``huber_scale`` here). Tensors are [B].
+    ``num_train_timesteps``: T where there is no DDPM ``scheduler`` (flow models: t = 1000 sigma, as kohya).
     """
     if schedule == "constant":
         return huber_c * huber_scale
     if schedule == "exponential":
-        alpha = -math.log(huber_c) / scheduler.config.num_train_timesteps
+        alpha = -math.log(huber_c) / (num_train_timesteps or scheduler.config.num_train_timesteps)
         return torch.exp(-alpha * timesteps.float()) * huber_scale
     if schedule == "snr":
         abar = scheduler.alphas_cumprod.to(torch.float32)[timesteps.cpu()]
@@ -132,15 +136,31 @@ def per_sample_loss(prediction: torch.Tensor, target: torch.Tensor, loss_type: s
 # ---------------------------------------------------------------------------------------------
 
 class Epsilon:
-    """DDPM noise prediction: input ``sqrt(abar) x0 + sqrt(1 - abar) noise``, target ``noise``."""
+    """DDPM noise prediction: a timestep in [min_timestep, max_timestep), input ``sqrt(abar) x0 + sqrt(1 - abar)
+    noise``, target ``noise``."""
 
     name = "epsilon"
 
-    def noisy(self, scheduler, latents, input_noise, timesteps):
-        return scheduler.add_noise(latents, input_noise, timesteps)
+    def draw(self, objective, generator, latent_shape):
+        return draw_timestep(generator, objective.min_timestep, objective.max_timestep)
 
-    def target(self, scheduler, latents, noise, timesteps):
+    def noisy(self, objective, latents, input_noise, timesteps):
+        return objective.scheduler.add_noise(latents, input_noise, timesteps)
+
+    def target(self, objective, latents, noise, timesteps):
         return noise
+
+    def weights(self, objective, timesteps) -> list:
+        """The per-sample weights the loss is multiplied by, in order (min-SNR-gamma, debiased estimation)."""
+        out = []
+        if objective.min_snr_gamma > 0:
+            out.append(min_snr_weights(objective.scheduler, timesteps, objective.min_snr_gamma, self.name))
+        if objective.debiased:
+            out.append(debiased_weights(objective.scheduler, timesteps, self.name))
+        return out
+
+    def huber_timesteps(self, timesteps):
+        return timesteps, None
 
 
 class VPrediction(Epsilon):
@@ -148,17 +168,46 @@ class VPrediction(Epsilon):
 
     name = "v_prediction"
 
-    def target(self, scheduler, latents, noise, timesteps):
-        return scheduler.get_velocity(latents, noise, timesteps)
+    def target(self, objective, latents, noise, timesteps):
+        return objective.scheduler.get_velocity(latents, noise, timesteps)
 
 
-PARAMETERISATIONS = {p.name: p for p in (Epsilon(), VPrediction())}
+class FlowMatching:
+    """Flow matching (rectified flow): "timesteps" are noise levels sigma in [0, 1] drawn by the config's
+    ``timestep_sampling`` (from the sample's own generator; ``flux_shift`` / ``nextdit_shift`` read the latent's
+    size), input ``sigma * noise + (1 - sigma) * x0``, target ``noise - x0``, weight ``weighting_scheme``'s."""
+
+    name = "flow"
+
+    def draw(self, objective, generator, latent_shape):
+        return flow.sample_sigmas(1, objective.flow_options, generator, tuple(latent_shape[-2:]))
+
+    def noisy(self, objective, latents, input_noise, sigmas):
+        return flow.noisy_input(latents, input_noise, sigmas)
+
+    def target(self, objective, latents, noise, sigmas):
+        return flow.velocity_target(latents, noise)
+
+    def weights(self, objective, sigmas) -> list:
+        return [flow.loss_weighting(sigmas, objective.flow_options.weighting_scheme).to(sigmas.device)]
+
+    def huber_timesteps(self, sigmas):
+        return flow.timesteps_of(sigmas), flow.NUM_TRAIN_TIMESTEPS
+
+
+PARAMETERISATIONS = {p.name: p for p in (Epsilon(), VPrediction(), FlowMatching())}
+
+# what a flow run cannot use: the settings read a DDPM schedule (alphas_cumprod) or its timestep range
+_DDPM_ONLY = (("min_snr_gamma", lambda c: c.min_snr_gamma > 0), ("debiased_estimation_loss",
+              lambda c: c.debiased_estimation_loss), ("zero_terminal_snr", lambda c: c.zero_terminal_snr),
+              ("huber_schedule", lambda c: c.loss_type in ("huber", "smooth_l1") and c.huber_schedule == "snr"),
+              ("min_timestep", lambda c: c.min_timestep != 0), ("max_timestep", lambda c: c.max_timestep != 1000))
 
 
 @dataclass(frozen=True)
 class Objective:
-    """One run's objective: the (possibly rescaled) noise schedule, the model's parameterisation and the loss
-    settings of the config."""
+    """One run's objective: the (possibly rescaled) noise schedule (None for flow models), the model's
+    parameterisation and the loss settings of the config."""
 
     scheduler: object
     prediction_type: str
@@ -168,35 +217,52 @@ class Objective:
     huber_scale: float = 1.0
     min_snr_gamma: float = 0.0
     debiased: bool = False
+    min_timestep: int = 0
+    max_timestep: int = 1000
+    flow_options: flow.FlowTimesteps | None = None
 
     @classmethod
     def for_run(cls, config, noise_scheduler, prediction_type: str) -> "Objective":
         if prediction_type not in PARAMETERISATIONS:
             raise ValueError(f"prediction type {prediction_type!r} is not trainable yet; "
                              f"known: {', '.join(PARAMETERISATIONS)}")
-        return cls(training_scheduler(noise_scheduler, config.zero_terminal_snr), prediction_type,
-                   config.loss_type, config.huber_c, config.huber_schedule, config.huber_scale,
-                   config.min_snr_gamma, config.debiased_estimation_loss)
+        options = None
+        if prediction_type == "flow":
+            for key, used in _DDPM_ONLY:
+                if used(config):
+                    raise ValueError(f"{key} = {getattr(config, key)!r} needs a DDPM noise schedule; this model "
+                                     "trains by flow matching: leave it at its default and use timestep_sampling / "
+                                     "weighting_scheme instead")
+            options = flow.FlowTimesteps.from_config(config)
+        else:
+            noise_scheduler = training_scheduler(noise_scheduler, config.zero_terminal_snr)
+        return cls(noise_scheduler, prediction_type, config.loss_type, config.huber_c, config.huber_schedule,
+                   config.huber_scale, config.min_snr_gamma, config.debiased_estimation_loss,
+                   config.min_timestep, config.max_timestep, options)
 
     @property
     def parameterisation(self):
         return PARAMETERISATIONS[self.prediction_type]
 
+    def draw_timestep(self, generator: torch.Generator, latent_shape) -> torch.Tensor:
+        """One sample's timestep (DDPM, long) or noise level (flow, float), shape [1], from its generator."""
+        return self.parameterisation.draw(self, generator, latent_shape)
+
     def noisy(self, latents, input_noise, timesteps):
         """The model's input for clean ``latents`` at ``timesteps``."""
-        return self.parameterisation.noisy(self.scheduler, latents, input_noise, timesteps)
+        return self.parameterisation.noisy(self, latents, input_noise, timesteps)
 
     def target(self, latents, noise, timesteps):
         """What the model should output for that input."""
-        return self.parameterisation.target(self.scheduler, latents, noise, timesteps)
+        return self.parameterisation.target(self, latents, noise, timesteps)
 
     def per_sample(self, prediction, target, timesteps) -> torch.Tensor:
         """The weighted loss of each sample: [B]."""
-        huber_c = self.huber_c if self.loss_type not in ("huber", "smooth_l1") else huber_threshold(
-            self.huber_schedule, self.huber_c, self.huber_scale, self.scheduler, timesteps)
+        huber_c = self.huber_c
+        if self.loss_type in ("huber", "smooth_l1"):
+            t, total = self.parameterisation.huber_timesteps(timesteps)
+            huber_c = huber_threshold(self.huber_schedule, self.huber_c, self.huber_scale, self.scheduler, t, total)
         per = per_sample_loss(prediction, target, self.loss_type, huber_c)
-        if self.min_snr_gamma > 0:
-            per = per * min_snr_weights(self.scheduler, timesteps, self.min_snr_gamma, self.prediction_type)
-        if self.debiased:
-            per = per * debiased_weights(self.scheduler, timesteps, self.prediction_type)
+        for weight in self.parameterisation.weights(self, timesteps):
+            per = per * weight
         return per

@@ -5,6 +5,8 @@ Fixtures (session scope: one server for the whole run):
     comfy_base_dir  the isolated base directory (models/, input/, output/, custom_nodes/, comfyui.log)
     comfy_server    the running ComfyServer (url, port, log_path, startup_seconds, alive())
     comfy           a ComfyClient (queue, wait, run, object_info, interrupt, log_text, ...)
+    comfy_lib       ComfyUI's ``comfy`` package imported in this process (COMFYUI_DIR on sys.path; CPU
+                    unless CUDA is there), for in-process tests of comfy.sd / comfy.lora
     sd15_checkpoint name (for CheckpointLoaderSimple) of a random, full-shape SD1.5 checkpoint
                     written into <base>/models/checkpoints/ by training.models.write_checkpoint
 """
@@ -84,6 +86,23 @@ def comfyui_dir() -> Path:
     if not (path / "main.py").is_file():
         pytest.fail(f"COMFYUI_DIR={path} has no main.py (see tests/integration/comfy_server.py)")
     return path
+
+
+@pytest.fixture(scope="session")
+def comfy_lib(comfyui_dir):
+    if str(comfyui_dir) not in sys.path:
+        sys.path.insert(0, str(comfyui_dir))
+    import torch
+
+    import comfy.cli_args
+
+    if not torch.cuda.is_available():
+        comfy.cli_args.args.cpu = True
+    import comfy.lora
+    import comfy.sd
+    import comfy.utils
+
+    return comfy
 
 
 @pytest.fixture(scope="session")

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import copy
 import logging
-import sys
 
 import numpy as np
 import pytest
@@ -49,20 +48,6 @@ def _config(variant, targets):
 
 
 VARIANTS = ["lora", "locon", "loha", "loha_tucker", "lokr", "lokr_full", "dora", "dora_baked"]
-
-
-@pytest.fixture(scope="module")
-def comfy_lib(comfyui_dir):
-    if str(comfyui_dir) not in sys.path:
-        sys.path.insert(0, str(comfyui_dir))
-    import comfy.cli_args
-
-    if not torch.cuda.is_available():
-        comfy.cli_args.args.cpu = True
-    import comfy.lora
-    import comfy.sd
-
-    return comfy
 
 
 def _loaded_in_comfy(comfy_lib, family, folder, detected_as=None):

@@ -36,11 +36,9 @@ from .names import (
     TE_KOHYA_PREFIXES,
     TE_PREFIX_KOHYA,
     UNET_PREFIX_KOHYA,
-    ldm_unet_path_to_diffusers,
-    lora_name,
+    comfy_unet_name,
     te_name,
     unet_name,
-    unet_structure,
 )
 
 # peft/diffusers tensor suffix -> LyCORIS suffix
@@ -142,11 +140,7 @@ class _Namer:
         return unet_name(self.family or "sd1", _diffusers_unet_path(path), self.structure)
 
     def unet_ldm(self, path: str) -> str:
-        if self.family == "sdxl":
-            return lora_name(UNET_PREFIX_KOHYA, path)
-        L, up = unet_structure(self.family or "sd1", self.structure)
-        diffusers = ldm_unet_path_to_diffusers(path, L, up)
-        return lora_name(UNET_PREFIX_KOHYA, diffusers if diffusers is not None else path)
+        return comfy_unet_name(self.family or "sd1", path, self.structure)
 
     def te(self, index: int, path: str) -> str:
         if self.family == "sdxl":

@@ -23,10 +23,10 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .families import check_family
+from .families import ALL_FAMILIES, check_family
 from .lowrank import common_alpha, lowrank_from_delta
 from .modules import _CONV3_RE, dora_weight, module_rank
-from .names import ALPHA, DORA, DOWN, UP, te_name, te_prefixes, unet_name
+from .names import ALPHA, DORA, DOWN, UP, comfy_unet_name, te_name, te_prefixes, unet_name
 
 logger = logging.getLogger(__name__)
 
@@ -261,6 +261,24 @@ def export_kohya(family: str, unet=None, text_encoders=(), adapter_name: str = "
         if te is not None:
             total += _collect(te, adapter_name, lambda p, pre=prefix: te_name(pre, p), result.tensors, result,
                               bake, bake_rank)
+    return _finish(result, total, adapter_name)
+
+
+def export_diffusion_model(family: str, diffusion_model, adapter_name: str = "default", bake: str = "none",
+                           bake_rank: int | None = None, structure=None) -> ExportResult:
+    """kohya/LyCORIS tensors from the peft adapters on ComfyUI's ``model.diffusion_model`` of any family
+    (:data:`.families.ALL_FAMILIES`), named by :func:`.names.comfy_unet_name` (``structure``: SD1/SD2's UNet
+    layout, as there); otherwise what :func:`export_kohya` does for a diffusers UNet."""
+    family = check_family(family, ALL_FAMILIES)
+    if bake not in BAKE_CHOICES:
+        raise ValueError(f"bake must be one of {', '.join(BAKE_CHOICES)}, got {bake!r}")
+    result = ExportResult(tensors={})
+    total = _collect(diffusion_model, adapter_name, lambda p: comfy_unet_name(family, p, structure),
+                     result.tensors, result, bake, bake_rank)
+    return _finish(result, total, adapter_name)
+
+
+def _finish(result: ExportResult, total: int, adapter_name: str) -> ExportResult:
     if result.bake_errors:
         common_alpha(result.tensors, list(result.bake_errors), _most_common_alpha(result.tensors, result.bake_errors))
     if total == 0:

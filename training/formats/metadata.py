@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .families import (
+    ALL_FAMILIES,
     BASE_MODEL_VERSION,
     DEFAULT_RESOLUTION,
     MODELSPEC_ARCHITECTURE,
@@ -131,7 +132,7 @@ def make_metadata(info: RunInfo) -> dict[str, str]:
 
     The ``sshs_*`` hashes are added by :func:`save_lora_file` from the bytes it writes.
     """
-    family = check_family(info.family)
+    family = check_family(info.family, ALL_FAMILIES)
     md: dict[str, Any] = {}
 
     def put(key: str, value: Any) -> None:

@@ -4,7 +4,10 @@ kohya name = ``prefix + "_" + module_path.replace(".", "_")`` (docs/lora-format.
 
 * UNet: ``lora_unet_<diffusers path>`` for SD1/SD2, ``lora_unet_<LDM/SAI path>`` for SDXL;
 * text encoders: ``lora_te_text_model_...`` (SD1/SD2), ``lora_te1_text_model_...`` /
-  ``lora_te2_text_model_...`` (SDXL); the ``text_model`` level is always present.
+  ``lora_te2_text_model_...`` (SDXL); the ``text_model`` level is always present;
+* the diffusion model ComfyUI holds (any family, :func:`comfy_unet_name`): ``lora_unet_<ComfyUI module path>``,
+  the names kohya's Flux/SD3/Lumina scripts write on purpose (``networks/lora_flux.py``: ``LORA_PREFIX_FLUX =
+  "lora_unet"  # make ComfyUI compatible``) and ComfyUI's ``model_lora_keys_unet`` maps for every model.
 
 ``checkpoint_targets`` goes the other way for a single-file checkpoint: every LoRA module name a
 loader would accept for it -> the checkpoint tensor it patches (with the q/k/v slice of OpenCLIP's
@@ -17,7 +20,7 @@ import re
 from dataclasses import dataclass
 
 from .ldm_names import UNET_PREFIX, _unet_structure, unet_path_to_ldm
-from .families import check_family
+from .families import ALL_FAMILIES, check_family
 
 # tensor-name suffixes of one module
 DOWN = ".lora_down.weight"
@@ -89,10 +92,16 @@ def unet_name(family: str, diffusers_path: str, structure=None) -> str:
     return lora_name(UNET_PREFIX_KOHYA, unet_path_to_ldm(diffusers_path, L, up_attn))
 
 
-def unet_structure(family: str, structure=None) -> tuple[int, list[bool]]:
-    """(layers_per_block, up blocks with attention) of ``structure`` (a UNet, its config or that tuple);
-    None: the family's public models."""
-    return _structure(check_family(family), structure)
+def comfy_unet_name(family: str, module_path: str, structure=None) -> str:
+    """kohya name of the module ``module_path`` of ComfyUI's ``model.diffusion_model`` (dots, no ``diffusion_model.``
+    prefix): ``lora_unet_<path, dots as underscores>``. SD1/SD2 get the diffusers path kohya writes for them where
+    the LDM path has one (``structure`` as in :func:`unet_name`); SDXL and the DiT families keep ComfyUI's path."""
+    family = check_family(family, ALL_FAMILIES)
+    if family in ("sd1", "sd2", "sd2-v"):
+        L, up_attn = _structure(family, structure)
+        diffusers = ldm_unet_path_to_diffusers(module_path, L, up_attn)
+        return lora_name(UNET_PREFIX_KOHYA, diffusers if diffusers is not None else module_path)
+    return lora_name(UNET_PREFIX_KOHYA, module_path)
 
 
 def _structure(family: str, structure) -> tuple[int, list[bool]]:

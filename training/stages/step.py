@@ -9,7 +9,7 @@ import torch
 from ..buckets import BatchPlan
 from ..cache import encode_distribution
 from ..dataset import image_to_tensor, load_image, process_caption, resize_and_crop
-from ..loss import Objective, draw_noise, draw_timestep
+from ..loss import Objective, draw_noise
 from ..seeds import SALT_CAPTION, SALT_CROP, SALT_DROPOUT, SALT_LATENT, SALT_NOISE, draw_seed, sample_generator
 from .base import predict
 from .context import RunContext
@@ -17,13 +17,13 @@ from .data import Data, text_condition
 from .trainable import Trainable
 
 
-def make_sample(ctx: RunContext, base, data: Data, sample_number: int, item_index: int, step: int) -> dict:
+def make_sample(ctx: RunContext, base, data: Data, objective: Objective, sample_number: int, item_index: int,
+                step: int) -> dict:
     """Training sample ``sample_number`` (dataset item ``item_index``) at 0-based optimizer step ``step``."""
     config = ctx.config
     item = data.dataset.items[item_index]
     generator = sample_generator(config.seed, sample_number)  # draws the flip, the timestep, the noise
     flip = config.flip and bool(torch.randint(0, 2, (1,), generator=generator))
-    timestep = draw_timestep(generator, config.min_timestep, config.max_timestep)
     width, height = data.sizes[item_index]
     if data.latent_cache is not None:
         mean, std = data.latent_cache.get(item_index, flip)
@@ -40,6 +40,8 @@ def make_sample(ctx: RunContext, base, data: Data, sample_number: int, item_inde
         mean, std = encode_distribution(base, pixels)
         mean, std = mean[0], std[0]
         ctx.stats["vae_calls"] += 1
+    # after the flip and before the noise in the sample's stream (flux_shift reads the latent's size)
+    timestep = objective.draw_timestep(generator, mean.shape)
     noise, input_noise = draw_noise(mean.shape, generator, sample_generator(config.seed, sample_number, SALT_NOISE),
                                     config)
     eps = torch.randn(mean.shape, generator=sample_generator(config.seed, sample_number, SALT_LATENT))
@@ -69,7 +71,7 @@ def micro_step_loss(ctx: RunContext, base, data: Data, trainable: Trainable, obj
     if not local:  # a short bucket batch left this process nothing: keep DDP in step, weight 0
         local, weights = batch[:1], [0.0]
     step = micro_index // config.gradient_accumulation_steps  # 0-based optimizer step
-    samples = [make_sample(ctx, base, data, n, i, step) for n, i in local]
+    samples = [make_sample(ctx, base, data, objective, n, i, step) for n, i in local]
     if trainable.dropout is not None:  # per-sample LoRA dropout masks (also for checkpointing's recomputation)
         trainable.dropout.set_seeds([draw_seed(config.seed, n, SALT_DROPOUT, 2**62) for n, _ in local])
 

@@ -1,0 +1,196 @@
+"""Tiny random diffusion models of every DiT family, built from ComfyUI's own classes and loaded back through
+ComfyUI's own loader (``comfy.sd.load_diffusion_model_state_dict``), for in-process integration tests.
+
+Each builder instantiates the family's ComfyUI module (``comfy.ldm...``) at a tiny width with seeded random
+weights and returns its state dict: the real key names (Flux/Chroma norms renamed to the ``.scale`` of the
+original files), so ComfyUI's model detection recognises the family from the keys and reads the sizes it
+infers from the shapes (Flux: hidden size, depth, context/vector widths, guidance_in; SD3: depth = width/64,
+pos_embed, y/context widths; Lumina2: dim, depth, caption width; Qwen-Image: depth, input channels).
+
+ComfyUI's detection fixes some widths a full-size file has anyway (0.33: Chroma's approximator, 5120 wide
+and 5 layers; Lumina2's heads and rope axes unless dim is 2304 or 3840; Qwen-Image's 24 heads of 128 and
+3584-wide text input; 0.3.64 also Flux's 3072 width, 24 heads and 4096-wide context). :func:`told_sizes`
+lets ComfyUI's own detection run, checks that it named the family, and tells it only the fields of the tiny
+model's config that it got wrong (recorded in ``TinyModel.told``); the model class, loader, key mapping and
+everything after are ComfyUI's unchanged.
+
+Needs COMFYUI_DIR on sys.path (the caller imports comfy first).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import inspect
+from dataclasses import dataclass, field
+
+import torch
+
+CONTEXT_DIM = 64  # text-encoder width the tiny models read (a T5 / Gemma / Qwen stand-in)
+POOLED_DIM = 32   # pooled CLIP width (Flux vector_in, SD3 y)
+
+
+@dataclass
+class TinyModel:
+    family: str                      # our family id (nodes/comfy_model.py)
+    state_dict: dict
+    config: dict                     # the size arguments the module was built with
+    image_model: str | None = None   # what ComfyUI's detection must say before it is told anything
+    pooled: bool = False             # the family reads a pooled CLIP vector
+    told: dict = field(default_factory=dict)  # after load(): the fields detection was told (module doc)
+
+
+def _randomize(module: torch.nn.Module, seed: int) -> dict:
+    g = torch.Generator().manual_seed(seed)
+    out = {}
+    for k, v in module.state_dict().items():
+        if k.endswith("norm.weight") or k.endswith("norm.scale") or ".norm" in k and k.endswith(".weight") and v.ndim == 1:
+            out[k] = 1.0 + 0.1 * torch.randn(v.shape, generator=g)
+        else:
+            fan_in = v.shape[1] if v.ndim >= 2 else 1
+            out[k] = torch.randn(v.shape, generator=g) * (0.5 / max(1.0, fan_in) ** 0.5 if v.ndim >= 2 else 0.02)
+    return out
+
+
+def _accepted(kwargs: dict, *targets) -> dict:
+    """The part of ``kwargs`` this ComfyUI version's classes take (0.3.64's Flux has no ``txt_ids_dims``,
+    its NextDiT no ``rope_theta``): a dataclass's fields or a function's parameters."""
+    names = set()
+    for t in targets:
+        if dataclasses.is_dataclass(t):
+            names |= {f.name for f in dataclasses.fields(t)}
+        else:
+            names |= set(inspect.signature(t).parameters)
+    return {k: v for k, v in kwargs.items() if k in names}
+
+
+def _ops():
+    import comfy.ops
+
+    return comfy.ops.disable_weight_init
+
+
+def _bfl_names(sd: dict) -> dict:
+    """ComfyUI loads Flux/Chroma's ``*_norm.scale`` as ``.weight``; write them as the original files do."""
+    return {(k[: -len(".weight")] + ".scale" if k.endswith(("query_norm.weight", "key_norm.weight")) else k): v
+            for k, v in sd.items()}
+
+
+def flux(guidance: bool = True, seed: int = 0) -> TinyModel:
+    import comfy.ldm.flux.model as m
+
+    params = dict(in_channels=16, out_channels=16, vec_in_dim=POOLED_DIM, context_in_dim=CONTEXT_DIM,
+                  hidden_size=128, mlp_ratio=4.0, num_heads=1, depth=2, depth_single_blocks=2,
+                  axes_dim=[16, 56, 56], theta=10000, patch_size=2, qkv_bias=True, guidance_embed=guidance,
+                  txt_ids_dims=[])
+    params = _accepted(params, m.FluxParams)
+    net = m.Flux(image_model="flux", operations=_ops(), **params)
+    return TinyModel("flux-dev" if guidance else "flux-schnell", _bfl_names(_randomize(net, seed)), params, "flux",
+                     pooled=True)
+
+
+def sd3(seed: int = 0) -> TinyModel:
+    import comfy.ldm.modules.diffusionmodules.mmdit as m
+
+    params = dict(patch_size=2, in_channels=16, out_channels=16, depth=2, adm_in_channels=POOLED_DIM,
+                  context_embedder_config={"target": "torch.nn.Linear",
+                                           "params": {"in_features": CONTEXT_DIM, "out_features": 128}},
+                  pos_embed_max_size=16, num_patches=256)
+    net = m.OpenAISignatureMMDITWrapper(input_size=None, operations=_ops(), **params)
+    return TinyModel("sd3", _randomize(net, seed), params, None, pooled=True)
+
+
+def chroma(seed: int = 0) -> TinyModel:
+    import comfy.ldm.chroma.model as m
+
+    params = dict(in_channels=64, out_channels=64, context_in_dim=CONTEXT_DIM, hidden_size=128, mlp_ratio=4.0,
+                  num_heads=1, depth=2, depth_single_blocks=2, axes_dim=[16, 56, 56], theta=10000, patch_size=2,
+                  qkv_bias=True, in_dim=64, out_dim=128, hidden_dim=64, n_layers=1, txt_ids_dims=[],
+                  vec_in_dim=None)
+    params = _accepted(params, m.ChromaParams)
+    net = m.Chroma(image_model="chroma", operations=_ops(), **params)
+    return TinyModel("chroma", _bfl_names(_randomize(net, seed)), params, "chroma")
+
+
+def lumina2(seed: int = 0) -> TinyModel:
+    import comfy.ldm.lumina.model as m
+
+    params = _accepted({"patch_size": 2, "in_channels": 16, "dim": 64, "n_layers": 2, "qk_norm": True,
+                        "cap_feat_dim": CONTEXT_DIM, "n_heads": 2, "n_kv_heads": 1, "axes_dims": [8, 12, 12],
+                        "axes_lens": [300, 512, 512], "rope_theta": 10000.0, "ffn_dim_multiplier": 4.0,
+                        "n_refiner_layers": 1}, m.NextDiT)
+    net = m.NextDiT(operations=_ops(), **params)
+    return TinyModel("lumina2", _randomize(net, seed), params, "lumina2")
+
+
+def qwen_image(seed: int = 0) -> TinyModel:
+    import comfy.ldm.qwen_image.model as m
+
+    params = {"in_channels": 64, "num_layers": 2, "attention_head_dim": 32,  # patch 2, 16 out: the defaults
+              "num_attention_heads": 2, "joint_attention_dim": CONTEXT_DIM, "axes_dims_rope": (8, 12, 12)}
+    net = m.QwenImageTransformer2DModel(operations=_ops(), **params)
+    return TinyModel("qwen-image", _randomize(net, seed), params, "qwen_image")
+
+
+def text_extras(tiny: TinyModel, tokens: int, generator: torch.Generator) -> dict:
+    """The CONDITIONING extras ComfyUI's own text encoders give the family: a pooled CLIP vector (Flux, SD3),
+    ``pooled_output = None`` (Chroma's T5 alone), the token mask (Lumina2's Gemma; 0.3.64's Lumina2 reads
+    the caption length from it)."""
+    if tiny.pooled:
+        return {"pooled_output": torch.randn(1, POOLED_DIM, generator=generator)}
+    if tiny.family == "chroma":
+        return {"pooled_output": None}
+    if tiny.family == "lumina2":
+        return {"attention_mask": torch.ones(1, tokens, dtype=torch.long)}
+    return {}
+
+
+BUILDERS = {
+    "flux-dev": lambda: flux(True),
+    "flux-schnell": lambda: flux(False),
+    "sd3": sd3,
+    "chroma": chroma,
+    "lumina2": lumina2,
+    "qwen-image": qwen_image,
+}
+
+
+@contextlib.contextmanager
+def told_sizes(tiny: TinyModel):
+    """While loading ``tiny``: ComfyUI's ``detect_unet_config`` runs as is, must name the family's image model,
+    and gets the tiny config's fields it answered differently (or not at all) on top; nothing else."""
+    import comfy.model_detection as md
+
+    real = md.detect_unet_config
+
+    def detect(state_dict, key_prefix, *args, **kwargs):
+        config = real(state_dict, key_prefix, *args, **kwargs)
+        if config is None:
+            return config
+        if tiny.image_model is not None:
+            assert config.get("image_model") == tiny.image_model, (config, tiny.image_model)
+        tiny.told = {k: v for k, v in tiny.config.items() if k not in config or _differs(config[k], v)}
+        return {**config, **tiny.told}
+
+    md.detect_unet_config = detect
+    try:
+        yield
+    finally:
+        md.detect_unet_config = real
+
+
+def _differs(a, b) -> bool:
+    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
+        return list(a) != list(b)
+    return a != b
+
+
+def load(tiny: TinyModel):
+    """The ModelPatcher ComfyUI's Load Diffusion Model path makes of ``tiny`` (float32, CPU)."""
+    import comfy.sd
+
+    with told_sizes(tiny):
+        patcher = comfy.sd.load_diffusion_model_state_dict(dict(tiny.state_dict), model_options={"dtype": torch.float32})
+    if patcher is None:
+        raise AssertionError(f"ComfyUI did not recognise the tiny {tiny.family} state dict")
+    return patcher
