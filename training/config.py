@@ -27,6 +27,7 @@ SAMPLERS = ("euler", "euler_a", "ddim", "dpm++")
 MAX_TOKEN_LENGTHS = (75, 150, 225)
 DEVICES = ("auto", "cpu", "cuda", "mps")
 FAMILIES = ("sd1", "sd2", "sd2-v", "sdxl")
+EARLY_STOPPING_METRICS = ("train", "validation")
 
 
 _RESERVED_NAMES = {"con", "prn", "aux", "nul"} | {f"{p}{i}" for p in ("com", "lpt") for i in range(1, 10)}
@@ -165,6 +166,16 @@ class TrainConfig:
     sample_sampler: str = "euler"
     sample_resolution: int = 0
     extra: dict = field(default_factory=dict)
+    # --- validation and masked loss (issue 15) ---
+    masked_loss: bool = False  # weight the loss per latent pixel by a mask (masks/<stem>.* or mask_dir)
+    alpha_mask: bool = False  # the image's own alpha channel is its mask (implies masked loss)
+    mask_dir: str = ""  # a folder of masks named like the images (default: masks/ beside the images)
+    validation_split: float = 0.0  # below 1: a fraction of the images held out; 1 or more: a count of images
+    validation_dataset: str = ""  # a folder of held-out images instead of validation_split
+    validate_every_n_steps: int = 0  # 0: only before the first and after the last step
+    validation_seed: int | None = None  # the held-out images and their noise; None: seed
+    early_stopping_metric: str = "train"  # "validation": early stopping watches the validation loss
+    keep_best: bool = False  # also write <name>_best.safetensors at the lowest validation loss
 
     @property
     def effective_text_encoder_lr(self) -> float:
@@ -300,7 +311,42 @@ class TrainConfig:
             self.output_name = self.output_name[: -len(".safetensors")]
         problem = output_name_problem(self.output_name)
         need(problem is None, "output_name", problem or "")
+        # --- validation and masked loss (issue 15) ---
+        for key in ("masked_loss", "alpha_mask", "keep_best"):
+            need(isinstance(getattr(self, key), bool), key, "use true or false")
+        for key in ("mask_dir", "validation_dataset"):
+            need(isinstance(getattr(self, key), str), key, "use a folder path, or \"\" for none")
+        need(not self.mask_dir or self.masked_loss, "mask_dir",
+             "masks are only used with masked_loss = true; switch it on or clear mask_dir")
+        split = self.validation_split
+        need(isinstance(split, (int, float)) and not isinstance(split, bool) and math.isfinite(split) and split >= 0
+             and (split < 1 or float(split).is_integer()), "validation_split",
+             "use 0 (off), a fraction below 1 of the images (0.1), or a whole number of images (4)")
+        need(not (split and self.validation_dataset), "validation_split",
+             "use either validation_split or validation_dataset, not both")
+        validating = bool(split or self.validation_dataset)
+        need(isinstance(self.validate_every_n_steps, int) and not isinstance(self.validate_every_n_steps, bool)
+             and self.validate_every_n_steps >= 0, "validate_every_n_steps", "use 0 (start and end only) or more")
+        need(not self.validate_every_n_steps or validating, "validate_every_n_steps",
+             "needs held-out images: set validation_split (e.g. 0.1) or validation_dataset")
+        need(self.validation_seed is None or (isinstance(self.validation_seed, int)
+                                              and not isinstance(self.validation_seed, bool)
+                                              and self.validation_seed >= 0),
+             "validation_seed", "use a whole number, 0 or more, or leave it out to use seed")
+        need(self.early_stopping_metric in EARLY_STOPPING_METRICS, "early_stopping_metric",
+             f"use one of {', '.join(EARLY_STOPPING_METRICS)}")
+        need(self.early_stopping_metric == "train" or validating, "early_stopping_metric",
+             "'validation' needs held-out images: set validation_split or validation_dataset")
+        need(self.early_stopping_metric == "train" or self.early_stopping_patience > 0, "early_stopping_metric",
+             "'validation' watches the validation loss for early stopping; set early_stopping_patience (steps)")
+        need(not self.keep_best or validating, "keep_best",
+             "keeps the LoRA of the best validation loss; set validation_split or validation_dataset")
         return self
+
+    @property
+    def effective_validation_seed(self) -> int:
+        """The seed that picks the held-out images and draws their noise: ``validation_seed`` or ``seed``."""
+        return self.seed if self.validation_seed is None else int(self.validation_seed)
 
     @classmethod
     def from_dict(cls, values: dict, source: str = "config") -> "TrainConfig":
@@ -335,7 +381,7 @@ class TrainConfig:
         config = cls.from_dict(values, source=path)
         # Relative paths in a config file are relative to that file, not to the shell's folder.
         for key in ("checkpoint", "dataset", "output_dir", "tokenizer", "network_weights", "resume_from", "cache_dir",
-                    "state_dir", "reg_dataset"):
+                    "state_dir", "reg_dataset", "mask_dir", "validation_dataset"):
             value = getattr(config, key)
             if value and not os.path.isabs(value):
                 setattr(config, key, os.path.normpath(os.path.join(base, value)))
