@@ -255,9 +255,13 @@ def load_dataset(folder: str, reg_folder: str | None = None, mask_dir: str | Non
                            "images, or leave it empty to use masks/ folders beside the images.")
     dataset = _load_folder(folder, "dataset", mask_dir)
     if reg_folder:
-        reg = _load_folder(reg_folder, "reg_dataset")
-        dataset = add_regularization(dataset, reg)
+        dataset = add_regularization(dataset, load_reg_dataset(reg_folder))
     return dataset
+
+
+def load_reg_dataset(folder: str) -> Dataset:
+    """A regularization folder, read like a dataset, before :func:`add_regularization` balances it."""
+    return _load_folder(folder, "reg_dataset")
 
 
 def add_regularization(dataset: Dataset, reg: Dataset) -> Dataset:
