@@ -4,6 +4,7 @@ the best-step bookkeeping, the config keys and the metadata fields."""
 import math
 import os
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -269,3 +270,49 @@ def test_metadata_fields():
     assert md["ss_validation_split"] == "0.2" and md["ss_validation_seed"] == "3"
     assert md["ss_num_validation_images"] == "4" and md["ss_masked_loss"] == "True"
     assert "ss_validation_loss" not in make_metadata(RunInfo(family="sd1"))
+
+
+# -- where the curve is shown: run record, LOSS_MAP outputs, PNG, CLI log -----------------------------------
+def test_run_record_keeps_the_validation_curve():
+    from comfyui_lora_trainer.nodes.runs import RunRegistry
+
+    registry = RunRegistry()
+    run = registry.start("5", "p", 10, "x").run_id
+    registry.add_step(run, 1, 10, 0.5, 1.0)
+    registry.add_validation(run, 0, 0.9)
+    registry.add_validation(run, 4, 0.7)
+    registry.add_validation(run, 4, 0.6)  # a resumed run measures its start again: replaced, not doubled
+    assert registry.get(run)["validation"] == [{"step": 0, "loss": 0.9}, {"step": 4, "loss": 0.6}]
+
+
+def test_loss_maps_for_core_plot_loss_graph():
+    from comfyui_lora_trainer.nodes.runs import loss_maps
+
+    training, validation = loss_maps([0.5, 0.4, 0.3, 0.2, 0.1], [{"step": 0, "loss": 0.9}, {"step": 2, "loss": 0.8},
+                                                                {"step": 5, "loss": 0.7}])
+    assert training["loss"] == [0.5, 0.4, 0.3, 0.2, 0.1]  # what core's Plot Loss Graph reads
+    assert training["validation_steps"] == [0, 2, 5] and training["validation_loss"] == [0.9, 0.8, 0.7]
+    assert validation["loss"] == [0.9, 0.8, 0.8, 0.8, 0.7]  # one value per step 1..5: same x axis
+    assert loss_maps([0.5], []) == ({"loss": [0.5]}, {})
+
+
+def test_loss_png_draws_the_validation_series():
+    from comfyui_lora_trainer.training.plot import VALIDATION_COLOUR, loss_chart
+
+    losses = [1.0 - i / 100 for i in range(50)]
+    plain = loss_chart(losses)
+    with_val = loss_chart(losses, validation=[(0, 1.2), (25, 0.8), (50, 0.9)])
+    green = lambda image: int((np.asarray(image) == VALIDATION_COLOUR).all(-1).sum())  # noqa: E731
+    assert green(plain) == 0 and green(with_val) > 50
+    assert green(loss_chart([], validation=[(0, 1.0)])) > 0
+
+
+def test_cli_log_prints_validation(capsys):
+    from comfyui_lora_trainer.training.cli import _print_events
+
+    handle = _print_events(10)
+    handle({"type": "validation", "step": 20, "loss": 0.123456, "best": 0.1, "best_step": 10})
+    handle({"type": "validation", "step": 0, "loss": 0.2})
+    out = capsys.readouterr().out
+    assert "step 20: validation loss 0.12346 (best 0.10000 at step 10)" in out
+    assert "step 0: validation loss 0.20000\n" in out
