@@ -241,3 +241,26 @@ def test_masks_are_cached_with_the_latents_and_keyed_by_the_mask(tmp_path):
     assert edited.vae_calls == 1 and torch.equal(edited.mask(0, False), torch.ones_like(mask))
     alpha = build(alpha_mask=True)  # an opaque image with alpha_mask: trains whole, its own key
     assert alpha.vae_calls == 1 and torch.equal(alpha.mask(0, False), torch.ones_like(mask))
+
+
+# -- Load Dataset's report ---------------------------------------------------------------------------------
+def test_report_counts_masks_and_flags_a_mask_of_another_size(tmp_path):
+    from comfyui_lora_trainer.nodes.report import analyse_dataset
+
+    root = tmp_path / "data"
+    captioned(root, "a.png", noise_image((96, 72), 0, "RGB"))
+    captioned(root, "b.png", noise_image((96, 72), 1, "RGB"))
+    captioned(root, "c.png", noise_image((96, 72), 2, "RGB"))
+    captioned(root, "d.png", Image.new("RGBA", (96, 72), (1, 2, 3, 0)))
+    save(root / "masks" / "a.png", noise_image((96, 72), 3))
+    save(root / "masks" / "b.png", noise_image((16, 16), 4))  # another size
+    (root / "masks" / "c.png").write_bytes(b"not an image")
+    report = analyse_dataset(load_dataset(str(root)), resolution=64)
+    checks = {os.path.basename(c.path): c for c in report.images}
+    assert report.num_masks == 3 and report.num_alpha == 1 and checks["d.png"].has_alpha
+    assert checks["a.png"].problems == [] and checks["a.png"].mask == os.path.join("masks", "a.png")
+    assert checks["b.png"].problems == ["mask size"] and (checks["b.png"].mask_width, checks["b.png"].mask_height) == (16, 16)
+    assert checks["c.png"].problems == ["unreadable mask"]
+    text = report.text()
+    assert "masks: 3 of 4 images have one" in text and "transparency: 1 of 4 images" in text
+    assert "b.png: mask 16x16, image 96x72" in text and "UNREADABLE MASKS" in text
