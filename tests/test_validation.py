@@ -316,3 +316,41 @@ def test_cli_log_prints_validation(capsys):
     out = capsys.readouterr().out
     assert "step 20: validation loss 0.12346 (best 0.10000 at step 10)" in out
     assert "step 0: validation loss 0.20000\n" in out
+
+
+# -- the evaluator on the tiny SD1 model (the loop's model call, outside the loop) -------------------------
+def test_evaluate_on_a_tiny_unet_is_deterministic_and_moves_with_the_weights(tmp_path, scheduler):
+    from comfyui_lora_trainer.training.cache import encode_distribution
+    from comfyui_lora_trainer.training.models import build_tiny_components, encode_prompts
+    from comfyui_lora_trainer.training.validation import build_samples, eval_mode
+
+    root = make_dataset(tmp_path / "val", [f"v{i}" for i in range(3)])
+    os.makedirs(tmp_path / "val" / "masks")
+    Image.new("L", (16, 16), 255).save(tmp_path / "val" / "masks" / "v0.png")
+    base = build_tiny_components("sd1", seed=0)
+    items = load_dataset(root).items
+
+    def condition(item):
+        with torch.no_grad():
+            return encode_prompts(base, [item.caption]).encoder_hidden_states[0]
+
+    samples = build_samples(items, [(64, 64)] * 3, lambda px: encode_distribution(base, px), condition,
+                            masked_loss=True)
+    assert [s.sample_id for s in samples] == [0, 1, 2] and samples[0].mask.shape == (1, 8, 8)
+    assert torch.equal(samples[0].mask, torch.ones(1, 8, 8)) and torch.equal(samples[1].mask, torch.ones(1, 8, 8))
+    unet = base.unet
+
+    def predict(noisy, timesteps, conditionings):
+        return unet(noisy, timesteps, torch.stack(conditionings)).sample
+
+    rule, ts = ddpm_rule(base.noise_scheduler, base.prediction_type), validation_timesteps()[::2]
+    with eval_mode(unet):
+        one = evaluate(predict, samples, ts, rule, seed=0, batch_size=1)
+        three = evaluate(predict, samples, ts, rule, seed=0, batch_size=3)
+        again = evaluate(predict, samples, ts, rule, seed=0, batch_size=3)
+        assert again.loss == three.loss
+        assert math.isclose(one.loss, three.loss, rel_tol=1e-6)  # batched kernels may differ in the last bits
+        with torch.no_grad():
+            for p in unet.parameters():
+                p.add_(0.01 * torch.randn_like(p))
+        assert evaluate(predict, samples, ts, rule, seed=0, batch_size=3).loss != three.loss

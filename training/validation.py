@@ -141,6 +141,24 @@ class ValidationSample:
     mask: torch.Tensor | None = None  # [1, h, w] (or pixel size) in [0, 1] with masked loss
 
 
+def build_samples(items, sizes: list[tuple[int, int]], encode: Callable, condition: Callable, *,
+                  masked_loss: bool = False, alpha_mask: bool = False) -> list[ValidationSample]:
+    """ValidationSamples for the held-out ``items`` at their training ``sizes`` (width, height): centre
+    crop, no flip, the mask through the same crop (:func:`dataset.training_pixels`) reduced to latent size.
+    ``encode(pixels [1, 3, H, W]) -> (mean, std)`` (cache.encode_distribution); ``condition(item)`` -> what
+    predict_fn gets for it: the plain caption's conditioning (trigger word, no shuffle, no dropout)."""
+    from .dataset import mask_to_latent, training_pixels
+
+    out = []
+    for sample_id, (item, (width, height)) in enumerate(zip(items, sizes)):
+        pixels = training_pixels(item, width, height, masked_loss=masked_loss, alpha_mask=alpha_mask)
+        mean, _ = encode(pixels.pixels.unsqueeze(0))
+        latent = mean[0].float().cpu()
+        mask = None if pixels.mask is None else mask_to_latent(pixels.mask, tuple(latent.shape[-2:]))
+        out.append(ValidationSample(sample_id, latent, condition(item), mask))
+    return out
+
+
 @dataclass
 class ValidationResult:
     loss: float  # the mean over every (image, timestep)
