@@ -264,3 +264,17 @@ def test_report_counts_masks_and_flags_a_mask_of_another_size(tmp_path):
     text = report.text()
     assert "masks: 3 of 4 images have one" in text and "transparency: 1 of 4 images" in text
     assert "b.png: mask 16x16, image 96x72" in text and "UNREADABLE MASKS" in text
+
+
+def test_load_dataset_lists_no_masks_folder_as_a_dataset(tmp_path):
+    from comfyui_lora_trainer.nodes.dataset import image_folders
+
+    class Host:
+        def input_directory(self):
+            return str(tmp_path)
+
+    captioned(tmp_path / "cats", "a.png", noise_image((16, 16), 0, "RGB"))
+    save(tmp_path / "cats" / "masks" / "a.png", noise_image((16, 16), 1))
+    captioned(tmp_path / "dogs" / "2_dog", "b.png", noise_image((16, 16), 2, "RGB"))
+    save(tmp_path / "dogs" / "2_dog" / "masks" / "b.png", noise_image((16, 16), 3))
+    assert image_folders(Host()) == ["cats", "dogs"]
