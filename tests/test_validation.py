@@ -354,3 +354,15 @@ def test_evaluate_on_a_tiny_unet_is_deterministic_and_moves_with_the_weights(tmp
             for p in unet.parameters():
                 p.add_(0.01 * torch.randn_like(p))
         assert evaluate(predict, samples, ts, rule, seed=0, batch_size=3).loss != three.loss
+
+
+def test_resume_refuses_another_validation_split():
+    from comfyui_lora_trainer.training.state import ResumeError, check_compatible
+
+    saved = TrainConfig(checkpoint="c", dataset="d", validation_split=0.2, steps=10).to_dict()
+    state = {"config": saved, "path": "s.pt", "step": 5}
+    check_compatible(state, dict(saved))
+    with pytest.raises(ResumeError, match="validation_split"):
+        check_compatible(state, {**saved, "validation_split": 0.3})
+    old = {k: v for k, v in saved.items() if k not in ("validation_split", "validation_seed")}  # an older state
+    check_compatible({**state, "config": old}, dict(saved))
