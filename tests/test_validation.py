@@ -186,6 +186,14 @@ def test_evaluate_follows_the_model_and_the_mask(scheduler):
     masked = evaluate(model, samples(masks=True), ts, rule, seed=0)
     assert evaluate(model, changed, ts, rule, seed=0).loss == masked.loss
     assert evaluate(model, changed, ts, rule, seed=0).loss != evaluate(model, samples(), ts, rule, seed=0).loss
+    # a pixel-size mask (reduced by area) and a sample without a mask share a batch
+    mixed = samples(masks=True)
+    mixed[0].mask = torch.ones(1, 64, 64)
+    mixed[0].mask[..., :32] = 0
+    mixed[1].mask = None
+    full = samples(masks=True)
+    full[1].mask = torch.ones(1, 8, 8)
+    assert evaluate(model, mixed, ts, rule, seed=0, batch_size=4).loss == evaluate(model, full, ts, rule, seed=0).loss
 
 
 def test_target_rules(scheduler):

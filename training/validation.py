@@ -22,7 +22,7 @@ from typing import Any, Callable
 
 import torch
 
-from .dataset import Dataset, DatasetError, add_regularization, load_dataset, load_reg_dataset
+from .dataset import Dataset, DatasetError, add_regularization, load_dataset, load_reg_dataset, mask_to_latent
 from .masked_loss import apply_loss_mask
 
 VALIDATION_TIMESTEPS = (10, 350, 500, 650, 990)  # kohya's fixed list, on a 1000-step schedule
@@ -147,7 +147,7 @@ def build_samples(items, sizes: list[tuple[int, int]], encode: Callable, conditi
     crop, no flip, the mask through the same crop (:func:`dataset.training_pixels`) reduced to latent size.
     ``encode(pixels [1, 3, H, W]) -> (mean, std)`` (cache.encode_distribution); ``condition(item)`` -> what
     predict_fn gets for it: the plain caption's conditioning (trigger word, no shuffle, no dropout)."""
-    from .dataset import mask_to_latent, training_pixels
+    from .dataset import training_pixels
 
     out = []
     for sample_id, (item, (width, height)) in enumerate(zip(items, sizes)):
@@ -195,8 +195,8 @@ def evaluate(predict_fn: Callable, samples: list[ValidationSample], timesteps: l
     latent size. ``element_loss(prediction, target) -> [B, C, h, w]`` (default squared error); masks weight
     it as in training (:func:`masked_loss.apply_loss_mask`). ``dtype``: the model's input dtype.
     """
-    if not samples:
-        raise ValueError("validation needs at least one held-out image")
+    if not samples or not timesteps:
+        raise ValueError("validation needs at least one held-out image and one timestep")
     if batch_size < 1:
         raise ValueError("batch_size must be 1 or more")
     if len({s.sample_id for s in samples}) != len(samples):
@@ -219,9 +219,9 @@ def evaluate(predict_fn: Callable, samples: list[ValidationSample], timesteps: l
                                     [s.conditioning for s, _, _ in chunk])
             target = rule.target(latents, noise, t)
             masks = None
-            if any(s.mask is not None for s, _, _ in chunk):
-                masks = torch.stack([s.mask.float() if s.mask is not None else torch.ones(1, *shape[-2:])
-                                     for s, _, _ in chunk]).to(device)
+            if any(s.mask is not None for s, _, _ in chunk):  # each at latent size, so pixel masks mix too
+                masks = torch.stack([mask_to_latent(s.mask.float(), shape[-2:]) if s.mask is not None
+                                     else torch.ones(1, *shape[-2:]) for s, _, _ in chunk]).to(device)
             per = apply_loss_mask(element_loss(prediction, target), masks)
             for (s, j, _), value in zip(chunk, per.double().cpu().tolist()):
                 losses[(s.sample_id, j)] = value
