@@ -338,7 +338,8 @@ def test_evaluate_on_a_tiny_unet_is_deterministic_and_moves_with_the_weights(tmp
     base = build_tiny_components("sd1", seed=0)
     items = load_dataset(root).items
 
-    def condition(item):
+    def condition(item, pixels):
+        assert pixels.original_size == (16, 16) and pixels.crop_top_left == (0, 0)
         with torch.no_grad():
             return encode_prompts(base, [item.caption]).encoder_hidden_states[0]
 

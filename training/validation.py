@@ -145,8 +145,9 @@ def build_samples(items, sizes: list[tuple[int, int]], encode: Callable, conditi
                   masked_loss: bool = False, alpha_mask: bool = False) -> list[ValidationSample]:
     """ValidationSamples for the held-out ``items`` at their training ``sizes`` (width, height): centre
     crop, no flip, the mask through the same crop (:func:`dataset.training_pixels`) reduced to latent size.
-    ``encode(pixels [1, 3, H, W]) -> (mean, std)`` (cache.encode_distribution); ``condition(item)`` -> what
-    predict_fn gets for it: the plain caption's conditioning (trigger word, no shuffle, no dropout)."""
+    ``encode(pixels [1, 3, H, W]) -> (mean, std)`` (cache.encode_distribution); ``condition(item, pixels)``
+    -> what predict_fn gets for it: the plain caption (trigger word, no shuffle, no dropout) and, for SDXL,
+    the time ids from ``pixels.original_size`` and ``pixels.crop_top_left`` (a dataset.TrainingPixels)."""
     from .dataset import training_pixels
 
     out = []
@@ -155,7 +156,7 @@ def build_samples(items, sizes: list[tuple[int, int]], encode: Callable, conditi
         mean, _ = encode(pixels.pixels.unsqueeze(0))
         latent = mean[0].float().cpu()
         mask = None if pixels.mask is None else mask_to_latent(pixels.mask, tuple(latent.shape[-2:]))
-        out.append(ValidationSample(sample_id, latent, condition(item), mask))
+        out.append(ValidationSample(sample_id, latent, condition(item, pixels), mask))
     return out
 
 
