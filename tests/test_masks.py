@@ -278,3 +278,18 @@ def test_load_dataset_lists_no_masks_folder_as_a_dataset(tmp_path):
     captioned(tmp_path / "dogs" / "2_dog", "b.png", noise_image((16, 16), 2, "RGB"))
     save(tmp_path / "dogs" / "2_dog" / "masks" / "b.png", noise_image((16, 16), 3))
     assert image_folders(Host()) == ["cats", "dogs"]
+
+
+@pytest.mark.parametrize("crop,flip", [("center", False), ("random", True)])
+def test_training_pixels_equal_the_loops_current_pixels(tmp_path, crop, flip):
+    """Wiring training_pixels into the loop leaves runs without masks bit-identical."""
+    from comfyui_lora_trainer.training.dataset import DatasetItem, image_to_tensor, load_image, resize_and_crop
+
+    save(tmp_path / "a.png", noise_image((70, 45), 9, "RGB"))
+    item = DatasetItem(str(tmp_path / "a.png"), "")
+    rng = (lambda: np.random.default_rng(3)) if crop == "random" else (lambda: None)
+    cropped, top_left = resize_and_crop(load_image(item.image_path), 48, 32, crop, rng())
+    old = image_to_tensor(cropped).unsqueeze(0)
+    old = old.flip(-1) if flip else old
+    new = training_pixels(item, 48, 32, crop=crop, rng=rng(), flip=flip)
+    assert torch.equal(new.pixels.unsqueeze(0), old) and new.crop_top_left == top_left and new.mask is None
