@@ -228,6 +228,9 @@ def test_best_tracker():
     restored = BestTracker.from_dict(tracker.to_dict(), patience=10, min_delta=0.01)
     assert restored == tracker
     assert not BestTracker(patience=0).should_stop(10**6)
+    from comfyui_lora_trainer.training.validation import best_path
+
+    assert best_path("out", "my_lora") == os.path.join("out", "my_lora_best.safetensors")
 
 
 # -- config and metadata -----------------------------------------------------------------------------------

@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import math
+import os
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -282,8 +283,6 @@ def validation_steps(total_steps: int, every: int, start_step: int = 0) -> list[
 
 def best_path(output_dir: str, output_name: str) -> str:
     """Where ``keep_best`` writes the LoRA of the best validation step."""
-    import os
-
     return os.path.join(output_dir, f"{output_name}_best.safetensors")
 
 
