@@ -201,6 +201,8 @@ def analyse_dataset(dataset, resolution: int = 512, tokenizer=None, thumb: int =
     """Open and check every image of a training.dataset.Dataset; see the module docstring."""
     from PIL import Image, ImageOps
 
+    from ..training.dataset import has_alpha
+
     missing = {w[len("no caption for "):].split("; using")[0] for w in dataset.warnings if w.startswith("no caption for ")}
     small_limit = max(64, resolution // 2)
     buckets = bucket_resolutions(resolution)
@@ -214,7 +216,7 @@ def analyse_dataset(dataset, resolution: int = 512, tokenizer=None, thumb: int =
             with Image.open(item.image_path) as img:
                 img.load()
                 img = ImageOps.exif_transpose(img)
-                check.has_alpha = img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info)
+                check.has_alpha = has_alpha(img)
                 img = img.convert("RGB")
             check.width, check.height = img.size
             digest = hashlib.sha256(f"{img.width}x{img.height}".encode())

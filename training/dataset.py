@@ -353,14 +353,15 @@ def _open_upright(path: str, what: str = "image"):
         raise DatasetError(f"cannot read {what} {path}: {e}. Remove or re-save the file.") from None
 
 
-def _has_alpha(img) -> bool:
+def has_alpha(img) -> bool:
+    """Whether a PIL image has transparency (an alpha channel, or a palette with a transparent entry)."""
     return img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info)
 
 
 def _to_rgb(img):
     from PIL import Image
 
-    if _has_alpha(img):
+    if has_alpha(img):
         # Transparent pixels become white, as image viewers show them, not black.
         rgba = img.convert("RGBA")
         background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
@@ -377,7 +378,7 @@ def load_image(path: str):
 
 def _alpha_of(img):
     """The alpha channel of an opened image as an "L" image, or None when it has none."""
-    return img.convert("RGBA").getchannel("A") if _has_alpha(img) else None
+    return img.convert("RGBA").getchannel("A") if has_alpha(img) else None
 
 
 def load_mask(path: str, size: tuple[int, int] | None = None):
@@ -387,7 +388,7 @@ def load_mask(path: str, size: tuple[int, int] | None = None):
     from PIL import Image
 
     img = _open_upright(path, "mask")
-    if _has_alpha(img):
+    if has_alpha(img):
         rgba = img.convert("RGBA")
         img = Image.alpha_composite(Image.new("RGBA", rgba.size, (0, 0, 0, 255)), rgba)
     elif img.mode in ("I;16", "I;16B", "I;16L", "I"):
