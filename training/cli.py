@@ -35,6 +35,10 @@ def _print_events(log_every: int):
                 rate = step / max(event["elapsed"], 1e-9)
                 eta = (total - step) / max(rate, 1e-9)
                 print(f"step {step}/{total}  loss {event['loss']:.5f}  {rate:.2f} steps/s  eta {eta:.0f}s", flush=True)
+        elif kind == "validation":
+            best = f" (best {event['best']:.5f} at step {event['best_step']})" if event.get("best_step") is not None \
+                else ""
+            print(f"step {event['step']}: validation loss {event['loss']:.5f}{best}", flush=True)
         elif kind == "saved":
             print(f"wrote {event['path']}", flush=True)
         elif kind == "checkpoint":
