@@ -185,10 +185,10 @@ def loss_maps(losses: list[float], validation: list[dict], total_steps: int | No
     ``validation_loss`` (the measurements, for anything that reads them); the validation map's ``loss``
     holds, for every step 1..N, the latest validation loss measured at or before it, so Plot Loss Graph
     draws it on the same step axis as the training loss (a step function). Before the first measurement
-    (which the loop makes at step 0) the first value is used. Empty without validation."""
+    (which the loop makes at step 0) the first value is used. Without validation its ``loss`` is empty."""
     training = {"loss": [float(v) for v in losses]}
     if not validation:
-        return training, {}
+        return training, {"loss": []}
     points = sorted((int(v["step"]), float(v["loss"])) for v in validation)
     training["validation_steps"] = [s for s, _ in points]
     training["validation_loss"] = [v for _, v in points]

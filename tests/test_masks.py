@@ -1,5 +1,5 @@
-"""Masked loss (issue 15), the pieces outside the loop: mask discovery (masks/ folders, mask_dir, alpha), the
-image and its mask through the same crop/flip, the latent-size mask, kohya's masked loss and the cache."""
+"""Masked loss (issue 15): mask discovery (masks/ folders, mask_dir, alpha), the image and its mask through the
+same crop/flip, the latent-size mask, kohya's masked loss, the cache, and runs of the loop with masks."""
 
 import os
 
@@ -16,8 +16,7 @@ from comfyui_lora_trainer.training.dataset import (
     mask_to_latent,
     training_pixels,
 )
-from comfyui_lora_trainer.training.loss import apply_loss_mask
-from comfyui_lora_trainer.training.loss import per_sample_loss
+from comfyui_lora_trainer.training.loss import apply_loss_mask, per_sample_loss
 
 
 def save(path, image):
@@ -293,3 +292,51 @@ def test_training_pixels_equal_the_loops_current_pixels(tmp_path, crop, flip):
     old = old.flip(-1) if flip else old
     new = training_pixels(item, 48, 32, crop=crop, rng=rng(), flip=flip)
     assert torch.equal(new.pixels.unsqueeze(0), old) and new.crop_top_left == top_left and new.mask is None
+
+
+# -- the loop ----------------------------------------------------------------------------------------------
+def masked_copy(tmp_path, value=255, region=None):
+    """The sample dataset with a masks/ folder: every mask ``value`` (``region`` (x0, y0, x1, y1) black)."""
+    import shutil
+
+    from tiny_runs import SAMPLE
+
+    root = tmp_path / "data"
+    shutil.copytree(SAMPLE, root)
+    for name in os.listdir(root):
+        if name.endswith(".png"):
+            with Image.open(root / name) as img:
+                mask = Image.new("L", img.size, value)
+            if region is not None:
+                mask.paste(0, region)
+            save(str(root / "masks" / name), mask)
+    return str(root)
+
+
+@pytest.mark.parametrize("center_crop", [True, False], ids=["cached", "uncached"])
+def test_a_full_white_mask_trains_exactly_as_no_mask(tmp_path, center_crop):
+    from tiny_runs import run
+
+    data = masked_copy(tmp_path)
+    plain, _ = run(dataset=data, steps=2, center_crop=center_crop)
+    masked, _ = run(dataset=data, steps=2, center_crop=center_crop, masked_loss=True)
+    assert plain.lora.tensors.keys() == masked.lora.tensors.keys()
+    for key, value in plain.lora.tensors.items():
+        assert torch.equal(value, masked.lora.tensors[key]), key
+    assert masked.lora.metadata["ss_masked_loss"] == "True" and "ss_masked_loss" not in plain.lora.metadata
+
+
+def test_a_black_region_changes_what_the_run_learns(tmp_path):
+    from tiny_runs import run, tensors_differ
+
+    data = masked_copy(tmp_path, region=(0, 0, 32, 64))  # the left half of each (64 px) image is ignored
+    masked, _ = run(dataset=data, steps=2, masked_loss=True)
+    plain, _ = run(dataset=data, steps=2)
+    assert tensors_differ(masked, plain)
+
+
+def test_masked_loss_without_any_mask_is_refused(tmp_path):
+    from tiny_runs import SAMPLE, run
+
+    with pytest.raises(DatasetError, match="no masks found"):
+        run(dataset=SAMPLE, steps=1, masked_loss=True)

@@ -304,7 +304,7 @@ def test_loss_maps_for_core_plot_loss_graph():
     assert training["loss"] == [0.5, 0.4, 0.3, 0.2, 0.1]  # what core's Plot Loss Graph reads
     assert training["validation_steps"] == [0, 2, 5] and training["validation_loss"] == [0.9, 0.8, 0.7]
     assert validation["loss"] == [0.9, 0.8, 0.8, 0.8, 0.7]  # one value per step 1..5: same x axis
-    assert loss_maps([0.5], []) == ({"loss": [0.5]}, {})
+    assert loss_maps([0.5], []) == ({"loss": [0.5]}, {"loss": []})
 
 
 def test_loss_png_draws_the_validation_series():
@@ -378,3 +378,56 @@ def test_resume_refuses_another_validation_split():
         check_compatible(state, {**saved, "validation_split": 0.3})
     old = {k: v for k, v in saved.items() if k not in ("validation_split", "validation_seed")}  # an older state
     check_compatible({**state, "config": old}, dict(saved))
+
+
+# -- the loop (the issue's test) ---------------------------------------------------------------------------
+def overfit_run(tmp_path, name, **over):
+    """A tiny SD1 model trained to overfit four of the sample shapes while validating on the four others."""
+    from tiny_runs import run
+
+    events = []
+    values = dict(steps=24, batch_size=4, rank=4, alpha=8.0, learning_rate=2e-3, validation_split=4,
+                  validate_every_n_steps=6, output_dir=str(tmp_path), output_name=name, keep_best=True)
+    values.update(over)
+    result, _ = run(events=events.append, **values)
+    return result, events
+
+
+def test_overfit_four_validate_on_four_reported_every_n_steps_and_identical_on_a_rerun(tmp_path):
+    from safetensors import safe_open
+
+    result, events = overfit_run(tmp_path, "a")
+    losses = result.losses
+    assert sum(losses[-6:]) / 6 < 0.9 * sum(losses[:6]) / 6, losses  # the training loss falls
+    measured = [(e["step"], e["loss"]) for e in events if e["type"] == "validation"]
+    assert [s for s, _ in measured] == [0, 6, 12, 18, 24]  # before the first step, every 6, the last
+    assert measured == result.validation and all(math.isfinite(v) for _, v in measured)
+    assert len({v for _, v in measured}) == len(measured)  # it moves with the LoRA
+    start = next(e for e in events if e["type"] == "start")
+    assert start["images"] == 4  # the four held-out images never train
+    best_step, best = min(measured, key=lambda p: p[1])
+    assert (result.best_validation_step, result.best_validation_loss) == (best_step, best)
+    with safe_open(result.path, "pt") as f:
+        meta = f.metadata()
+    assert float(meta["ss_validation_loss"]) == measured[-1][1] and meta["ss_validation_step"] == "24"
+    assert float(meta["ss_best_validation_loss"]) == best and meta["ss_num_validation_images"] == "4"
+    if best_step > 0:  # keep_best: the LoRA of that step, written as <name>_best
+        assert result.best_path == os.path.join(str(tmp_path), "a_best.safetensors")
+        with safe_open(result.best_path, "pt") as f:
+            assert f.metadata()["ss_steps"] == str(best_step)
+    rerun, _ = overfit_run(tmp_path, "b")
+    assert rerun.validation == result.validation  # identical values, not just close
+
+
+def test_keep_best_refuses_an_existing_best_file_and_validation_can_stop_early(tmp_path):
+    from comfyui_lora_trainer.training.validation import best_path
+
+    open(best_path(str(tmp_path), "c"), "wb").close()
+    with pytest.raises(FileExistsError, match="c_best"):
+        overfit_run(tmp_path, "c", steps=2)
+    # patience 1 with min_delta huge: no measurement after step 0 counts as better, so step 2 stops the run
+    result, events = overfit_run(tmp_path, "d", steps=8, validate_every_n_steps=2, keep_best=False,
+                                 early_stopping_metric="validation", early_stopping_patience=1,
+                                 early_stopping_min_delta=100.0)
+    assert result.early_stopped and result.steps_done == 2
+    assert [s for s, _ in result.validation] == [0, 2]
