@@ -45,8 +45,9 @@ class Validation:
 
 
 def check_best_path(config) -> None:
-    """keep_best never replaces a user's file unless overwrite is on (as the main file)."""
-    if config.keep_best and config.output_dir:
+    """keep_best never replaces a user's file unless overwrite is on (as the main file); a resumed run
+    continues its own best file."""
+    if config.keep_best and config.output_dir and not config.resume_from:
         path = best_path(config.output_dir, config.output_name)
         if os.path.exists(path) and not config.overwrite:
             raise FileExistsError(f"{path} already exists (keep_best writes it); choose another output name or "
