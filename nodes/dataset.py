@@ -24,13 +24,14 @@ def dataset_folders(host) -> list[str]:
 
 def image_folders(host) -> list[str]:
     """Sub-folders of the input directory that hold at least one image (recursively, 2 levels)."""
-    from ..training.dataset import IMAGE_EXTENSIONS
+    from ..training.dataset import IMAGE_EXTENSIONS, MASK_FOLDER
 
     root = host.input_directory()
     found = []
     for dirpath, dirnames, filenames in os.walk(root):
         depth = os.path.relpath(dirpath, root).count(os.sep)
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith(".")) if depth < 2 else []
+        # a dataset's masks/ folder holds its loss masks, not a dataset
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith(".") and d != MASK_FOLDER) if depth < 2 else []
         if dirpath != root and any(f.lower().endswith(IMAGE_EXTENSIONS) for f in filenames):
             rel = os.path.relpath(dirpath, root)
             # an N_name folder's parent is the dataset (kohya layout)

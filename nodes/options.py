@@ -21,7 +21,7 @@ from .fields import FIELDS, config_default, config_input
 from .spec import OPTIONS as OPTIONS_TYPE
 from .spec import In, NodeError, NodeResult, NodeSpec, Out, node_id
 
-NONE = "none"  # network_weights: start from fresh adapters; reg_dataset: no regularization images
+NONE = "none"  # network_weights: start from fresh adapters; a folder option (reg_dataset, mask_dir, ...): none
 AUTO = "auto"  # family: detected from the checkpoint
 
 
@@ -57,21 +57,34 @@ def _network_weights(value, host):
         raise NodeError(f"network_weights: {e}") from None
 
 
-def _reg_folders(host) -> list[str]:
+def _input_folders(host) -> list[str]:
     from .dataset import image_folders
 
     return [NONE] + image_folders(host)
 
 
-def _reg_dataset(value, host):
-    if not value or value == NONE:
-        return ""
-    from .dataset import resolve_folder
+def _input_folder(key: str):
+    """to_config of a folder chosen inside ComfyUI's input folder (like Load Dataset's folder); none: ""."""
 
-    try:
-        return resolve_folder(host, value)  # inside ComfyUI's input folder, like Load Dataset's folder
-    except NodeError as e:
-        raise NodeError(f"reg_dataset: {e}") from None
+    def to_config(value, host):
+        if not value or value == NONE:
+            return ""
+        from .dataset import resolve_folder
+
+        try:
+            return resolve_folder(host, value)
+        except NodeError as e:
+            raise NodeError(f"{key}: {e}") from None
+
+    return to_config
+
+
+def _input_folder_option(key: str) -> Option:
+    return opt(key, options=_input_folders, default=NONE, to_config=_input_folder(key))
+
+
+def _validation_seed(value, host):
+    return int(value) or None  # 0: the run's seed (TrainConfig's None)
 
 
 def _family(value, host):
@@ -177,7 +190,7 @@ TABLE = [
     opt("module_dropout"),
     opt("scale_weight_norms"),
     # kohya's data extras
-    opt("reg_dataset", options=_reg_folders, default=NONE, to_config=_reg_dataset),
+    _input_folder_option("reg_dataset"),
     opt("prior_loss_weight"),
     opt("max_token_length", options=[str(n) for n in cfg.MAX_TOKEN_LENGTHS],
         default=str(cfg.TrainConfig.max_token_length), to_config=_max_token_length),
@@ -191,6 +204,16 @@ TABLE = [
     # runs
     opt("save_state"),
     opt("save_state_on_stop"),
+    # validation and masked loss (issue 15)
+    opt("masked_loss"),
+    opt("alpha_mask"),
+    _input_folder_option("mask_dir"),
+    opt("validation_split"),
+    _input_folder_option("validation_dataset"),
+    opt("validate_every_n_steps"),
+    opt("validation_seed", kind="INT", default=0, to_config=_validation_seed, control_after_generate=False),
+    opt("early_stopping_metric"),
+    opt("keep_best"),
 ]
 ROWS = {row.key: row for row in TABLE}
 
@@ -240,14 +263,15 @@ def options_from_inputs(host, values: dict, upstream: dict | None = None) -> dic
 
 class TrainingOptions(NodeSpec):
     """Advanced settings for Train LoRA (adapter type, optimizer, schedule, loss, noise, buckets, captions,
-    caching, early stopping, samples)."""
+    caching, early stopping, samples, validation, masked loss)."""
 
     node_id = node_id("TrainingOptions")
     display_name = "Training Options (LoRA Trainer)"
     description = (
         "Advanced settings for Train LoRA: adapter (LoRA/DoRA/LoHa/LoKr), targets, text-encoder training, "
         "continue from a LoRA file, optimizer and schedule, loss, noise and timesteps, aspect buckets, caption "
-        "handling, caching, early stopping, sample images. Wire it to Train LoRA's options input. Chain "
+        "handling, caching, early stopping, sample images, validation loss (held-out images, keep_best) and masked "
+        "loss. Wire it to Train LoRA's options input. Chain "
         "several: each adds the settings it changes from their defaults; the one nearer Train LoRA wins."
     )
     inputs = [

@@ -18,6 +18,7 @@ RUN_EVENT = "loratrainer.run"  # a run's status changed (starting, running, done
 PROGRESS_EVENT = "loratrainer.progress"  # one optimizer step
 SAMPLE_EVENT = "loratrainer.sample"  # sample images for a step
 SAVED_EVENT = "loratrainer.saved"  # a LoRA file was written (pages refresh their LoRA lists)
+VALIDATION_EVENT = "loratrainer.validation"  # one validation measurement {step, loss}
 
 PREVIEW_CHART_SECONDS = 5.0  # without samples, the loss chart preview is re-drawn at most this often
 TEXT_SECONDS = 0.5  # the status line under the node at most this often
@@ -78,6 +79,7 @@ class RunReporter:
         self.progress = None  # ComfyUI's progress bar, from ``started``
         self.meter = SpeedMeter()
         self.losses: list[float] = []
+        self.validation: list[tuple[int, float]] = []  # (step, validation loss), sorted by step
         self.preview = None  # the newest sample image, shown with the next step
         self.has_samples = False
         self.chart_at = self.text_at = 0.0
@@ -103,6 +105,8 @@ class RunReporter:
             self.on_resumed(event)
         elif kind == "step":
             self.on_step(event)
+        elif kind == "validation":
+            self.on_validation(int(event["step"]), float(event["loss"]))
         elif kind == "sample":
             self.on_sample(event)
         elif kind in ("saved", "checkpoint", "state"):
@@ -122,8 +126,22 @@ class RunReporter:
         self.losses = list(history)
         REGISTRY.update(self.run, losses=list(history), first_step=first, step=start, resumed_at=start,
                         status="running")
+        for step, loss in event.get("validation") or []:  # the validation curve so far, from the state
+            self.remember_validation(int(step), float(loss))
         self.send(RUN_EVENT, status="running", total=self.total, step=start, first_step=first, resumed_at=start,
-                  losses=history)
+                  losses=history, validation=[{"step": s, "loss": v} for s, v in self.validation])
+
+    def remember_validation(self, step: int, loss: float) -> None:
+        REGISTRY.add_validation(self.run, step, loss)
+        self.validation = sorted([p for p in self.validation if p[0] != step] + [(step, loss)])
+
+    def on_validation(self, step: int, loss: float) -> None:
+        """One validation measurement: the run record, the live chart's second series, the status line."""
+        self.remember_validation(step, loss)
+        self.send(VALIDATION_EVENT, step=step, loss=loss)
+        best_step, best = min(self.validation, key=lambda p: p[1])
+        self.host.progress_text(f"step {step}: validation loss {loss:.4f} (best {best:.4f} at step {best_step})",
+                                self.node)
 
     def on_step(self, event: dict) -> None:
         from ..training.plot import loss_chart
@@ -140,12 +158,13 @@ class RunReporter:
         if preview is None and not self.has_samples and (now - self.chart_at >= PREVIEW_CHART_SECONDS
                                                          or step == total):
             self.chart_at = now
-            preview = loss_chart(self.losses, 512, 288, f"{self.name} loss")
+            preview = loss_chart(self.losses, 512, 288, f"{self.name} loss", validation=self.validation)
         self.progress.update(step, total, preview=preview)
         if now - self.text_at >= TEXT_SECONDS or step == total:
             self.text_at = now
             smooth = smoothed(self.losses[-200:])[-1]
-            self.host.progress_text(progress_line(step, total, loss, smooth, rate, eta), self.node)
+            last_validation = self.validation[-1][1] if self.validation else None
+            self.host.progress_text(progress_line(step, total, loss, smooth, rate, eta, last_validation), self.node)
 
     def on_sample(self, event: dict) -> None:
         images = []

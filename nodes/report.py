@@ -2,7 +2,9 @@
 
 Checks every image (opened and decoded once): unreadable files, very small images, duplicates (same
 pixels, whatever the file format or name), missing and empty captions, captions longer than the text
-encoder's 77 tokens (the rest is cut off), and the aspect-ratio buckets the images fall into. Also draws
+encoder's 77 tokens (the rest is cut off), and the aspect-ratio buckets the images fall into. Loss masks
+(issue 15): counts the images with a mask file and those with transparency (``alpha_mask``), and flags
+a mask that cannot be read or whose size differs from its image's. Also draws
 a preview grid with problem images framed in colour. No ComfyUI import: the node and the tests call it.
 """
 
@@ -17,11 +19,13 @@ TOKEN_LIMIT = 77  # CLIP's context, including the start and end tokens
 
 COLOURS = {  # frame colour per problem, most serious first
     "unreadable": (220, 30, 30),
+    "unreadable mask": (220, 30, 30),
     "duplicate": (200, 60, 200),
     "no caption": (240, 140, 20),
     "empty caption": (240, 140, 20),
     "long caption": (230, 200, 30),
     "small": (60, 140, 240),
+    "mask size": (60, 200, 200),
 }
 
 
@@ -35,6 +39,11 @@ class ImageCheck:
     error: str = ""
     pixel_hash: str = ""
     tokens: int | None = None
+    mask: str = ""  # its mask file, relative to the dataset folder ("" when it has none)
+    mask_width: int = 0
+    mask_height: int = 0
+    mask_error: str = ""
+    has_alpha: bool = False  # transparency: a mask with alpha_mask on
     problems: list[str] = field(default_factory=list)
     thumbnail: object = None  # PIL image, for the grid
 
@@ -59,12 +68,25 @@ class DatasetReport:
     def counts(self) -> dict[str, int]:
         return {p: len(self.with_problem(p)) for p in COLOURS}
 
+    @property
+    def num_masks(self) -> int:
+        return sum(1 for c in self.images if c.mask)
+
+    @property
+    def num_alpha(self) -> int:
+        return sum(1 for c in self.images if c.has_alpha)
+
     def text(self, limit: int = 8) -> str:
         n = len(self.images)
         lines = [f"{n} images, {self.repeats_total} samples per epoch (with repeats), folder {self.root}"]
         if self.buckets:
             buckets = ", ".join(f"{w}x{h}: {c}" for (w, h), c in sorted(self.buckets.items(), key=lambda kv: -kv[1]))
             lines.append(f"aspect buckets at {self.resolution} px (used with bucketing on): {buckets}")
+        if self.num_masks:
+            lines.append(f"masks: {self.num_masks} of {n} images have one (used with masked_loss on; "
+                         "the others train whole)")
+        if self.num_alpha:
+            lines.append(f"transparency: {self.num_alpha} of {n} images (their alpha is the mask with alpha_mask on)")
 
         def section(title, checks, detail=lambda c: ""):
             if not checks:
@@ -83,6 +105,11 @@ class DatasetReport:
                 self.with_problem("long caption"), lambda c: f": {c.tokens} tokens")
         section(f"very small images (short side under {self.small_limit} px; upscaled, blurry)",
                 self.with_problem("small"), lambda c: f": {c.width}x{c.height}")
+        section("UNREADABLE MASKS (re-save or remove them; with masked_loss on, training stops at them)",
+                self.with_problem("unreadable mask"), lambda c: f" ({c.mask}): {c.mask_error}")
+        section("masks of another size than their image (stretched to the image; check they belong to it)",
+                self.with_problem("mask size"),
+                lambda c: f": mask {c.mask_width}x{c.mask_height}, image {c.width}x{c.height}")
         if self.duplicates:
             lines.append(f"duplicate images (same pixels): {sum(len(g) for g in self.duplicates)} in {len(self.duplicates)} groups")
             for group in self.duplicates[:limit]:
@@ -155,9 +182,26 @@ def token_count(tokenizer, caption: str) -> int:
     return len(tokenizer(caption, truncation=False)["input_ids"])
 
 
+def check_mask(check: ImageCheck, mask_path: str, root: str) -> None:
+    """The mask's size (upright, as trained) against its image's; an unreadable mask is a problem."""
+    from ..training.dataset import DatasetError, load_mask
+
+    check.mask = os.path.relpath(mask_path, root)
+    try:
+        check.mask_width, check.mask_height = load_mask(mask_path).size
+    except DatasetError as e:
+        check.mask_error = str(e)[:200]
+        check.problems.append("unreadable mask")
+        return
+    if check.width and (check.mask_width, check.mask_height) != (check.width, check.height):
+        check.problems.append("mask size")
+
+
 def analyse_dataset(dataset, resolution: int = 512, tokenizer=None, thumb: int = 128) -> DatasetReport:
     """Open and check every image of a training.dataset.Dataset; see the module docstring."""
     from PIL import Image, ImageOps
+
+    from ..training.dataset import has_alpha
 
     missing = {w[len("no caption for "):].split("; using")[0] for w in dataset.warnings if w.startswith("no caption for ")}
     small_limit = max(64, resolution // 2)
@@ -171,7 +215,9 @@ def analyse_dataset(dataset, resolution: int = 512, tokenizer=None, thumb: int =
         try:
             with Image.open(item.image_path) as img:
                 img.load()
-                img = ImageOps.exif_transpose(img).convert("RGB")
+                img = ImageOps.exif_transpose(img)
+                check.has_alpha = has_alpha(img)
+                img = img.convert("RGB")
             check.width, check.height = img.size
             digest = hashlib.sha256(f"{img.width}x{img.height}".encode())
             digest.update(img.tobytes())
@@ -181,6 +227,8 @@ def analyse_dataset(dataset, resolution: int = 512, tokenizer=None, thumb: int =
         except Exception as e:  # PIL raises many kinds for broken files
             check.error = f"{type(e).__name__}: {e}"[:200]
             check.problems.append("unreadable")
+        if item.mask_path:
+            check_mask(check, item.mask_path, dataset.root)
         if item.image_path in missing:
             check.problems.append("no caption")
         elif not item.caption.strip():

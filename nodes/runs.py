@@ -38,6 +38,7 @@ class RunRecord:
         self.resumed_at = 0  # a resumed run: the step it continued from (its elapsed time counts from there)
         self.total = int(total)
         self.losses: list[float] = []
+        self.validation: list[dict] = []  # [{"step", "loss"}], sorted by step: the validation loss (issue 15)
         self.elapsed = 0.0
         self.started = time.time()
         self.updated = self.started
@@ -65,6 +66,7 @@ class RunRecord:
             first_step=self.first_step,
             resumed_at=self.resumed_at,
             losses=list(self.losses),
+            validation=[dict(v) for v in self.validation],
             elapsed=self.elapsed,
             samples=[dict(s) for s in self.samples],
             estimate=dict(self.estimate) if self.estimate else None,
@@ -119,6 +121,16 @@ class RunRegistry:
             record.losses.append(float(loss))
             record.updated = time.time()
 
+    def add_validation(self, run_id: str, step: int, loss: float) -> None:
+        """One validation measurement; a repeated step (a resumed run measures its start again) replaces."""
+        with self._lock:
+            record = self._runs.get(run_id)
+            if record is None:
+                return
+            points = [v for v in record.validation if v["step"] != int(step)] + [{"step": int(step), "loss": float(loss)}]
+            record.validation = sorted(points, key=lambda v: v["step"])
+            record.updated = time.time()
+
     def add_sample(self, run_id: str, step: int, images: list[dict], prompts: list[str] | None = None) -> None:
         with self._lock:
             record = self._runs.get(run_id)
@@ -165,6 +177,32 @@ def smoothed(values: list[float], weight: float = 0.9) -> list[float]:
     return out
 
 
+def loss_maps(losses: list[float], validation: list[dict], total_steps: int | None = None) -> tuple[dict, dict]:
+    """(training, validation) LOSS_MAP values for Train LoRA's outputs.
+
+    Core's Plot Loss Graph (comfy_extras/nodes_train.py) draws ``value["loss"]``, one point per list entry,
+    and ignores other keys. The training map is ``{"loss": per step}`` plus ``validation_steps`` and
+    ``validation_loss`` (the measurements, for anything that reads them); the validation map's ``loss``
+    holds, for every step 1..N, the latest validation loss measured at or before it, so Plot Loss Graph
+    draws it on the same step axis as the training loss (a step function). Before the first measurement
+    (which the loop makes at step 0) the first value is used. Without validation its ``loss`` is empty."""
+    training = {"loss": [float(v) for v in losses]}
+    if not validation:
+        return training, {"loss": []}
+    points = sorted((int(v["step"]), float(v["loss"])) for v in validation)
+    training["validation_steps"] = [s for s, _ in points]
+    training["validation_loss"] = [v for _, v in points]
+    steps = total_steps if total_steps is not None else max(len(losses), points[-1][0])
+    held, current, j = [], points[0][1], 0
+    for step in range(1, steps + 1):
+        while j < len(points) and points[j][0] <= step:
+            current = points[j][1]
+            j += 1
+        held.append(current)
+    return training, {"loss": held, "validation_steps": training["validation_steps"],
+                      "validation_loss": training["validation_loss"]}
+
+
 def format_duration(seconds: float | None) -> str:
     if seconds is None or seconds != seconds or seconds < 0 or seconds == float("inf"):
         return "--:--"
@@ -174,11 +212,14 @@ def format_duration(seconds: float | None) -> str:
     return f"{hours}:{minutes:02d}:{secs:02d}" if hours else f"{minutes}:{secs:02d}"
 
 
-def progress_line(step: int, total: int, loss: float, smooth: float | None, rate: float | None, eta: float | None) -> str:
+def progress_line(step: int, total: int, loss: float, smooth: float | None, rate: float | None, eta: float | None,
+                  validation: float | None = None) -> str:
     """The one-line status the stock frontend shows under the node (progress_text)."""
     parts = [f"step {step}/{total}", f"loss {loss:.4f}"]
     if smooth is not None:
         parts[-1] += f" (avg {smooth:.4f})"
+    if validation is not None:
+        parts.append(f"val {validation:.4f}")
     if rate:
         parts.append(f"{rate:.2f} it/s" if rate >= 1 else f"{1 / rate:.1f} s/it")
     parts.append(f"ETA {format_duration(eta)}")

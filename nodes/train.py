@@ -12,7 +12,9 @@ from __future__ import annotations
 import os
 
 from .fields import config_input
-from .progress import PROGRESS_EVENT, RUN_EVENT, SAMPLE_EVENT, SAVED_EVENT, RunReporter, SpeedMeter  # noqa: F401
+from .runs import loss_maps
+from .progress import (PROGRESS_EVENT, RUN_EVENT, SAMPLE_EVENT, SAVED_EVENT, VALIDATION_EVENT,  # noqa: F401
+                       RunReporter, SpeedMeter)
 from .spec import DATASET, LORA, OPTIONS, In, NodeError, NodeResult, NodeSpec, Out, node_id
 
 
@@ -183,6 +185,10 @@ class TrainLoRA(NodeSpec):
         Out("lora", LORA, "the trained LoRA, usable by Apply LoRA without loading the file"),
         Out("loss", "LOSS_MAP", "loss per step (core Plot Loss Graph accepts it)"),
         Out("file_name", "STRING", "the file written in models/loras"),
+        # last, so existing workflows' links keep their slots
+        Out("validation_loss", "LOSS_MAP",
+            "the validation loss (Training Options: validation_split or validation_dataset), held per step for "
+            "core Plot Loss Graph; empty without validation"),
     ]
     output_node = True
     wants_node_id = True
@@ -254,4 +260,9 @@ class TrainLoRA(NodeSpec):
         text = f"{file_name}: {result.steps_done} steps in {result.seconds:.0f}s, final loss {final}"
         if reporter.precision_note:  # a precision the device could not run, said by the backend at the start
             text += f" ({reporter.precision_note})"
-        return NodeResult((result.lora, {"loss": list(result.losses)}, file_name), ui={"text": [text]})
+        if result.best_validation_step is not None:
+            text += (f", validation {result.validation[-1][1]:.4f} (best {result.best_validation_loss:.4f} at step "
+                     f"{result.best_validation_step})")
+        training_map, validation_map = loss_maps(
+            result.losses, [{"step": s, "loss": v} for s, v in result.validation], result.steps_done)
+        return NodeResult((result.lora, training_map, file_name, validation_map), ui={"text": [text]})

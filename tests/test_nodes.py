@@ -68,7 +68,8 @@ def test_load_dataset_offers_the_bundled_samples(host):
 def test_train_writes_file_returns_lora_and_loss(host):
     dataset = LoadDataset.execute(host, folder="shapes").values[0]
     result = TrainLoRA.execute(host, **train_inputs(dataset))
-    lora, loss, file_name = result.values
+    lora, loss, file_name, validation_loss = result.values
+    assert validation_loss == {"loss": []}  # no held-out images: an empty second LOSS_MAP
     assert file_name == "node_lora.safetensors"
     assert os.path.isfile(os.path.join(host.loras_directory(), file_name))
     assert len(loss["loss"]) == 6 and all(torch.isfinite(torch.tensor(loss["loss"])))
@@ -95,11 +96,11 @@ def test_cancel_saves_the_work_then_resume_matches_an_uninterrupted_run(host):
     cancelled_losses = list(runs.REGISTRY.get(runs.REGISTRY.summaries()[-1]["run_id"])["losses"])
     assert len(cancelled_losses) == 2
     host.stop_after_steps = None
-    resumed, loss, name = TrainLoRA.execute(host, **train_inputs(dataset, output_name="cancelled"), resume=True).values
+    resumed, loss, name, _ = TrainLoRA.execute(host, **train_inputs(dataset, output_name="cancelled"), resume=True).values
     assert name == "cancelled.safetensors" and len(loss["loss"]) == 6
     assert loss["loss"][:2] == cancelled_losses  # the LOSS_MAP starts at step 1, not at the resumed step
     assert not any(n.endswith(".pt") for n in os.listdir(host.loras_directory()))
-    straight, straight_loss, _ = TrainLoRA.execute(host, **train_inputs(dataset, output_name="straight")).values
+    straight, straight_loss, _, _ = TrainLoRA.execute(host, **train_inputs(dataset, output_name="straight")).values
     assert set(resumed.tensors) == set(straight.tensors)
     for key, value in straight.tensors.items():
         assert torch.equal(resumed.tensors[key], value), key
@@ -116,7 +117,7 @@ def test_resume_finds_a_state_an_older_version_left_in_models_loras(host):
     # as an older version wrote it: next to the LoRAs
     shutil.move(os.path.join(host.state_directory(), "old_state_step2.pt"), host.loras_directory())
     host.stop_after_steps = None
-    _, loss, name = TrainLoRA.execute(host, **train_inputs(dataset, output_name="old"), resume=True).values
+    _, loss, name, _ = TrainLoRA.execute(host, **train_inputs(dataset, output_name="old"), resume=True).values
     assert name == "old.safetensors" and len(loss["loss"]) == 6
     assert any("resumed from" in text and "old_state_step2.pt" in text for _, text in host.texts)
     with pytest.raises(NodeError, match="no saved state for 'never_ran' in .*loratrainer_state"):
@@ -182,15 +183,15 @@ def test_training_options_change_the_trained_run(host):
     dataset = LoadDataset.execute(host, folder="shapes").values[0]
     (loha,) = TrainingOptions.execute(host, adapter="loha", conv_rank=0).values
     assert loha == {"adapter": "loha"}
-    lora, _, name = TrainLoRA.execute(host, **train_inputs(dataset, steps=2, output_name="as_loha"),
+    lora, _, name, _ = TrainLoRA.execute(host, **train_inputs(dataset, steps=2, output_name="as_loha"),
                                       options=loha).values
     with open(os.path.join(host.loras_directory(), name), "rb") as f:
         header = f.read(100_000)
     assert b"hada_w1_a" in header and b"lora_down" not in header
     # loss_type changes the losses of the same seeded run; the same run without options is the mse one
-    _, mse, _ = TrainLoRA.execute(host, **train_inputs(dataset, steps=3, output_name="mse")).values
+    _, mse, _, _ = TrainLoRA.execute(host, **train_inputs(dataset, steps=3, output_name="mse")).values
     (l1,) = TrainingOptions.execute(host, loss_type="l1").values
-    _, with_l1, _ = TrainLoRA.execute(host, **train_inputs(dataset, steps=3, output_name="l1"), options=l1).values
+    _, with_l1, _, _ = TrainLoRA.execute(host, **train_inputs(dataset, steps=3, output_name="l1"), options=l1).values
     assert with_l1["loss"] != pytest.approx(mse["loss"], rel=1e-3)
     # step 1 sees the same weights, batch, noise and timesteps: mean|r| <= sqrt(mean r^2) (Jensen)
     assert with_l1["loss"][0] <= mse["loss"][0] ** 0.5 + 1e-6
@@ -241,7 +242,7 @@ def test_training_options_continue_from_a_lora_file(host):
     with pytest.raises(InterruptProcessing):  # leaves a state file: never offered as network_weights
         TrainLoRA.execute(host, **train_inputs(dataset, steps=2, output_name="base"))
     host.stop_after_steps = None
-    first, _, name = TrainLoRA.execute(host, **train_inputs(dataset, steps=2, output_name="first")).values
+    first, _, name, _ = TrainLoRA.execute(host, **train_inputs(dataset, steps=2, output_name="first")).values
     open(os.path.join(host.loras_directory(), "legacy_state_step3.pt"), "wb").close()
     assert _lora_files(host) == [NONE, "base_interrupted_step1.safetensors", "first.safetensors"]
     (options,) = TrainingOptions.execute(host, network_weights=name).values
@@ -277,10 +278,10 @@ def test_training_options_cover_every_setting_but_the_listed_ones(host):
 
 
 def test_training_options_reg_dataset_family_and_token_length(host):
-    from comfyui_lora_trainer.nodes.options import NONE, TrainingOptions, _reg_folders
+    from comfyui_lora_trainer.nodes.options import NONE, TrainingOptions, _input_folders
 
     shutil.copytree(SAMPLE, os.path.join(host.input_directory(), "dogs", "1_dog"))
-    assert _reg_folders(host) == [NONE, "dogs", "shapes"]
+    assert _input_folders(host) == [NONE, "dogs", "shapes"]
     (options,) = TrainingOptions.execute(host, reg_dataset="dogs", prior_loss_weight=0.5, max_token_length="150",
                                          family="sd1", enable_wildcard=True).values
     assert options == {"reg_dataset": os.path.join(os.path.realpath(host.input_directory()), "dogs"),

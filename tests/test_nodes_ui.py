@@ -12,7 +12,8 @@ from comfyui_lora_trainer.nodes import runs
 from comfyui_lora_trainer.nodes.dataset import LoadDataset
 from comfyui_lora_trainer.nodes.report import analyse_dataset, bucket_resolutions, nearest_bucket
 from comfyui_lora_trainer.nodes.spec import NodeError
-from comfyui_lora_trainer.nodes.train import PROGRESS_EVENT, RUN_EVENT, SAMPLE_EVENT, SAVED_EVENT, SpeedMeter, TrainLoRA
+from comfyui_lora_trainer.nodes.train import (PROGRESS_EVENT, RUN_EVENT, SAMPLE_EVENT, SAVED_EVENT, VALIDATION_EVENT,
+                                              SpeedMeter, TrainLoRA)
 from comfyui_lora_trainer.training.dataset import load_dataset
 from comfyui_lora_trainer.training.models import tiny_tokenizer_dir, write_tiny_checkpoint
 
@@ -127,7 +128,7 @@ def test_model_shape_from_a_checkpoint_header(tmp_path):
 # -- Train LoRA through the fake host -------------------------------------------------------------------
 def test_train_reports_live_and_records_the_run(host):
     dataset = LoadDataset.execute(host, folder="shapes").values[0]
-    lora, loss, name = TrainLoRA.execute(host, **inputs(dataset), node_id="12").values
+    lora, loss, name, _ = TrainLoRA.execute(host, **inputs(dataset), node_id="12").values
     sent = [event for event, _ in host.sent]
     assert sent[0] == RUN_EVENT and sent[-1] == RUN_EVENT
     steps = [data for event, data in host.sent if event == PROGRESS_EVENT]
@@ -146,6 +147,22 @@ def test_train_reports_live_and_records_the_run(host):
     assert any("estimated peak memory" in text for _, text in host.texts)
 
 
+def test_validation_reaches_the_chart_the_record_the_status_line_and_the_last_output(host):
+    from comfyui_lora_trainer.nodes.options import TrainingOptions
+
+    dataset = LoadDataset.execute(host, folder="shapes").values[0]
+    (options,) = TrainingOptions.execute(host, validation_split=2.0, validate_every_n_steps=2).values
+    _, loss, _, validation = TrainLoRA.execute(host, **inputs(dataset), options=options, node_id="7").values
+    sent = [d for e, d in host.sent if e == VALIDATION_EVENT]
+    assert [d["step"] for d in sent] == [0, 2, 4] and all(d["node"] == "7" for d in sent)
+    # core's Plot Loss Graph: one value per training step, the latest measurement at or before it
+    assert len(validation["loss"]) == len(loss["loss"]) == 4
+    assert validation["loss"] == [sent[0]["loss"], sent[1]["loss"], sent[1]["loss"], sent[2]["loss"]]
+    record = runs.REGISTRY.get(sent[0]["run_id"])
+    assert record["validation"] == [{"step": d["step"], "loss": d["loss"]} for d in sent]
+    assert any("validation loss" in text for _, text in host.texts)
+
+
 def test_resumed_run_carries_the_whole_loss_curve(host):
     """Cancel at step k, resume: the record, the live messages and LOSS_MAP show steps 1..N."""
     from fake_host import InterruptProcessing
@@ -158,7 +175,7 @@ def test_resumed_run_carries_the_whole_loss_curve(host):
     first = runs.REGISTRY.get(runs.REGISTRY.summaries()[-1]["run_id"])
     assert first["status"] == "interrupted" and len(first["losses"]) == k
     host.stop_after_steps, host.sent = None, []
-    _, loss, _ = TrainLoRA.execute(host, **inputs(dataset, steps=steps), resume=True, node_id="4").values
+    _, loss, _, _ = TrainLoRA.execute(host, **inputs(dataset, steps=steps), resume=True, node_id="4").values
     assert len(loss["loss"]) == steps and loss["loss"][:k] == first["losses"]
     run_id = [d for e, d in host.sent if e == PROGRESS_EVENT][0]["run_id"]
     record = runs.REGISTRY.get(run_id)

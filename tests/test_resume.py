@@ -49,6 +49,25 @@ def test_resume_ends_with_the_same_weights_bitwise(tmp_path):
         run(tmp_path / "other", resume_from=str(tmp_path / "part"), seed=8, train_text_encoder=True)
 
 
+def test_resume_keeps_the_validation_curve_and_its_best_step(tmp_path):
+    over = dict(validation_split=2, validate_every_n_steps=2, keep_best=True)
+    full = run(tmp_path / "full", **over)
+    events = []
+    stopped = run(tmp_path / "part", events=events.append, should_stop=lambda: sum(e["type"] == "step"
+                                                                                 for e in events) >= 3, **over)
+    assert [s for s, _ in stopped.validation] == [0, 2, 3]  # a cancel is measured too (the file's metadata)
+    resumed_events = []
+    resumed = run(tmp_path / "part", resume_from=stopped.state_path, events=resumed_events.append, **over)
+    start = next(e for e in resumed_events if e["type"] == "start")
+    assert start["validation"] == [list(p) for p in stopped.validation]  # the history, for the chart
+    assert [s for s, _ in resumed.validation] == [0, 2, 3, 4, 6]  # the start (3) is not measured twice
+    assert [p for p in resumed.validation if p[0] != 3] == full.validation  # the same values as uninterrupted
+    assert (resumed.best_validation_step, resumed.best_validation_loss) == \
+        min(resumed.validation, key=lambda p: p[1])  # the tracker came back with the state
+    for k in full.lora.tensors:  # measuring never changes what is trained
+        assert torch.equal(resumed.lora.tensors[k], full.lora.tensors[k]), k
+
+
 def test_save_every_n_steps_keeps_last_k(tmp_path):
     events = []
     result = run(tmp_path, steps=7, save_every_n_steps=2, keep_last_n=2, save_state=True, events=events.append)

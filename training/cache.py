@@ -12,6 +12,10 @@ exact caption text and ``max_token_length`` (so varying captions, e.g. wildcards
 when the same text comes again).
 
 Regularization images are dataset items like the others: their latents are keyed the same way.
+
+Loss masks (``masked_loss`` / ``alpha_mask``) are cached with the latents, already at latent size, for both
+orientations: the key then also holds where the mask comes from and the mask file's content (an alpha
+mask is in the image's content), so switching masks on or off, or editing a mask, encodes again.
 """
 
 from __future__ import annotations
@@ -23,9 +27,9 @@ from collections import OrderedDict
 
 import torch
 
-from .dataset import file_digest, image_to_tensor, load_image, resize_and_crop
+from .dataset import file_digest, mask_source, mask_to_latent, training_pixels
 
-CACHE_VERSION = "1"
+CACHE_VERSION = "1"  # entries without a mask keep their keys from before masks existed
 MEMORY_LIMIT_BYTES = 2 << 30
 _MEMORY: "OrderedDict[str, dict[str, torch.Tensor]]" = OrderedDict()
 _MEMORY_BYTES = [0]
@@ -65,11 +69,24 @@ def model_fingerprint(module) -> str:
     return value
 
 
-def latent_key(image_path: str, vae_fingerprint: str, size: tuple[int, int], crop: str, flip: bool) -> str:
+def latent_key(image_path: str, vae_fingerprint: str, size: tuple[int, int], crop: str, flip: bool,
+               mask: str = "") -> str:
+    """``mask``: "" (masks off) or :func:`mask_key`."""
     digest = hashlib.sha256()
-    for part in (CACHE_VERSION, file_digest(image_path), vae_fingerprint, f"{size[0]}x{size[1]}", crop, str(flip)):
+    parts = [CACHE_VERSION, file_digest(image_path), vae_fingerprint, f"{size[0]}x{size[1]}", crop, str(flip)]
+    if mask:
+        parts.append(mask)
+    for part in parts:
         digest.update(part.encode() + b"\0")
     return digest.hexdigest()[:40]
+
+
+def mask_key(item, masked_loss: bool, alpha_mask: bool) -> str:
+    """The mask's part of an item's cache key: its source, and the mask file's content for a file."""
+    source = mask_source(item, masked_loss, alpha_mask)
+    if source is None:
+        return ""
+    return f"mask:file:{file_digest(item.mask_path)}" if source == "file" else f"mask:{source}"
 
 
 def _write_atomic(path: str, entry: dict[str, torch.Tensor]) -> None:
@@ -112,11 +129,13 @@ def encode_distribution(base, pixels: torch.Tensor) -> tuple[torch.Tensor, torch
 class LatentCache:
     """Latent distributions per dataset item at its training size (centre crop)."""
 
-    def __init__(self, base, mode: str, cache_dir: str, flip: bool, emit=None):
+    def __init__(self, base, mode: str, cache_dir: str, flip: bool, emit=None, masked_loss: bool = False,
+                 alpha_mask: bool = False):
         self.base = base
         self.mode = mode
         self.cache_dir = cache_dir
         self.flip = flip
+        self.masked_loss, self.alpha_mask = masked_loss, alpha_mask
         self.emit = emit or (lambda event: None)
         self.entries: dict[int, dict[str, torch.Tensor]] = {}
         self.vae_calls = 0
@@ -126,7 +145,8 @@ class LatentCache:
         vae_fp = model_fingerprint(self.base.vae)
         on_device = False
         for index, (item, size) in enumerate(zip(items, sizes)):
-            key = latent_key(item.image_path, vae_fp, size, "center", self.flip)
+            key = latent_key(item.image_path, vae_fp, size, "center", self.flip,
+                             mask_key(item, self.masked_loss, self.alpha_mask))
             entry = _MEMORY.get(key)
             path = os.path.join(self.cache_dir, key + ".safetensors") if self.mode == "disk" else None
             if entry is None and path and os.path.isfile(path):
@@ -135,16 +155,22 @@ class LatentCache:
                 if not on_device:
                     self.base.vae.to(device)
                     on_device = True
-                image = load_image(item.image_path)
-                cropped, (top, left) = resize_and_crop(image, size[0], size[1], "center")
-                pixels = image_to_tensor(cropped).unsqueeze(0)
-                batch = torch.cat([pixels, pixels.flip(-1)]) if self.flip else pixels
+                sample = training_pixels(item, size[0], size[1], masked_loss=self.masked_loss,
+                                         alpha_mask=self.alpha_mask)
+                pixels = sample.pixels.unsqueeze(0)
+                batch = torch.cat([pixels, sample.flipped().pixels.unsqueeze(0)]) if self.flip else pixels
                 mean, std = encode_distribution(self.base, batch)
                 self.vae_calls += 1
+                (orig_h, orig_w), (top, left) = sample.original_size, sample.crop_top_left
                 entry = {"mean": mean[0], "std": std[0],
-                         "crop": torch.tensor([image.height, image.width, top, left], dtype=torch.int64)}
+                         "crop": torch.tensor([orig_h, orig_w, top, left], dtype=torch.int64)}
                 if self.flip:
                     entry["flipped_mean"], entry["flipped_std"] = mean[1], std[1]
+                if sample.mask is not None:
+                    latent_size = tuple(mean.shape[-2:])
+                    entry["mask"] = mask_to_latent(sample.mask, latent_size)
+                    if self.flip:
+                        entry["flipped_mask"] = mask_to_latent(sample.flipped().mask, latent_size)
                 if path:
                     try:
                         _write_atomic(path, entry)
@@ -163,6 +189,10 @@ class LatentCache:
         if flipped:
             return entry["flipped_mean"], entry["flipped_std"]
         return entry["mean"], entry["std"]
+
+    def mask(self, index: int, flipped: bool) -> torch.Tensor | None:
+        """The item's loss mask at latent size [1, h, w] (None when masks are off)."""
+        return self.entries[index].get("flipped_mask" if flipped else "mask")
 
     def crop_info(self, index: int) -> tuple[int, int, int, int]:
         return tuple(int(v) for v in self.entries[index]["crop"].tolist())

@@ -35,6 +35,10 @@ def _print_events(log_every: int):
                 rate = step / max(event["elapsed"], 1e-9)
                 eta = (total - step) / max(rate, 1e-9)
                 print(f"step {step}/{total}  loss {event['loss']:.5f}  {rate:.2f} steps/s  eta {eta:.0f}s", flush=True)
+        elif kind == "validation":
+            best = f" (best {event['best']:.5f} at step {event['best_step']})" if event.get("best_step") is not None \
+                else ""
+            print(f"step {event['step']}: validation loss {event['loss']:.5f}{best}", flush=True)
         elif kind == "saved":
             print(f"wrote {event['path']}", flush=True)
         elif kind == "checkpoint":
@@ -88,8 +92,21 @@ def run_training(config) -> int:
     if os.environ.get("RANK", "0") != "0" or not result.losses:  # other processes of accelerate launch
         return 0
     first, last = result.losses[0], sum(result.losses[-10:]) / len(result.losses[-10:])
-    print(f"done: {result.steps_done} steps in {result.seconds:.1f}s; loss {first:.4f} -> {last:.4f} (mean of last 10)")
+    print(f"done: {result.steps_done} steps in {result.seconds:.1f}s; loss {first:.4f} -> {last:.4f} (mean of last 10)"
+          + validation_summary(result))
     return 0
+
+
+def validation_summary(result) -> str:
+    """'; validation 0.41 (best 0.39 at step 300)' for the done lines; "" without validation."""
+    if not result.validation:
+        return ""
+    text = f"; validation {result.validation[-1][1]:.4f}"
+    if result.best_validation_step is not None:
+        text += f" (best {result.best_validation_loss:.4f} at step {result.best_validation_step})"
+    if result.best_path:
+        text += f", best LoRA {result.best_path}"
+    return text
 
 
 def free_name(directory: str, stem: str, ext: str) -> str:
@@ -129,16 +146,19 @@ def cmd_demo(args) -> int:
             device="cpu",
             trigger_word="shapetoy",
             log_every=25,
+            validation_split=2,  # two of the eight shapes are held out: the chart's second series
+            validate_every_n_steps=max(1, args.steps // 10),
         )
         print(f"demo: tiny SD1.x-shaped model, {dataset}, {config.steps} steps on the CPU")
         with _StopOnCtrlC() as stop:
             result = train(config, events=_print_events(config.log_every), should_stop=stop)
     plot_path = os.path.join(out, name + "_loss.png")
-    loss_chart(result.losses, title=f"{name} loss").save(plot_path)
+    loss_chart(result.losses, title=f"{name} loss", validation=result.validation).save(plot_path)
     first = sum(result.losses[:10]) / len(result.losses[:10])
     last = sum(result.losses[-10:]) / len(result.losses[-10:])
     print(f"wrote {plot_path}")
-    print(f"loss {first:.4f} -> {last:.4f} (mean of first/last 10 steps), {result.seconds:.1f}s")
+    print(f"loss {first:.4f} -> {last:.4f} (mean of first/last 10 steps){validation_summary(result)}, "
+          f"{result.seconds:.1f}s")
     return 0
 
 

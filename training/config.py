@@ -44,6 +44,7 @@ def is_indexed_device(name) -> bool:
 def is_device_name(name) -> bool:
     """Whether ``name`` is a valid ``device`` setting: one of DEVICES, or cuda:N / xpu:N."""
     return name in DEVICES or is_indexed_device(name)
+EARLY_STOPPING_METRICS = ("train", "validation")
 
 
 _RESERVED_NAMES = {"con", "prn", "aux", "nul"} | {f"{p}{i}" for p in ("com", "lpt") for i in range(1, 10)}
@@ -77,6 +78,7 @@ GROUPS = {  # each field's `group`: its table's heading in docs/configuration.md
     "data": "Data",
     "flow": "Flow matching (SD3/SD3.5, Flux.1, Chroma, Lumina2, Qwen-Image)",
     "runs": "Saving, resuming, stopping, samples",
+    "validation": "Validation and masked loss",
 }
 _RULES = ("min", "max", "gt", "lt", "multiple_of", "choices")
 
@@ -142,11 +144,17 @@ def _is_whole(f) -> bool:
     return f.type in ("int", "int | None")
 
 
+_TYPE_RULES = {"bool": (bool, "use true or false"), "str": (str, 'use text (a path or a name; "" for none)')}
+
+
 def field_problem(f, value) -> str | None:
     """Why ``value`` breaks field ``f``'s own rules (range, choices, type), or None."""
     meta = f.metadata
     if value is None and meta.get("optional"):
         return None
+    if f.type in _TYPE_RULES and "choices" not in meta:
+        kind, message = _TYPE_RULES[f.type]
+        return None if isinstance(value, kind) else message
     if not any(key in meta for key in _RULES):
         return None
     try:
@@ -912,6 +920,91 @@ class TrainConfig:
         doc="sample size (0: `resolution`)",
         group="runs", min=0, multiple_of=8, advice="0: resolution", widget=dict(max=4096, step=8),
     )
+    masked_loss: bool = setting(
+        False,
+        "weight the loss per latent pixel by each image's mask (masks/ beside the images, or mask_dir): white "
+        "trains, black is ignored",
+        doc=(
+            "kohya's `--masked_loss`: weight the loss per latent pixel by each image's mask: a same-stem image in a "
+            "`masks/` folder beside the images (or in `mask_dir`); white trains, black is ignored, grey weights "
+            "(R channel; 127 is about 0.5). The mask is cropped, flipped and bucketed exactly as its image, then "
+            "reduced to latent size (area average); images without a mask train whole. As in kohya the masked "
+            "loss is averaged over all latent pixels, so a mostly black mask also lowers the loss's scale"
+        ),
+        group="validation",
+    )
+    alpha_mask: bool = setting(
+        False,
+        "an image's alpha channel is its loss mask (transparent: ignored); implies masked loss",
+        doc=(
+            "kohya's `alpha_mask`: an image's alpha channel is its mask (transparent: ignored); an image without "
+            "alpha trains whole. Implies masked loss; a mask file, with `masked_loss`, wins over the alpha"
+        ),
+        group="validation",
+    )
+    mask_dir: str = setting(
+        "",
+        "a folder of masks named like the images, instead of masks/ beside them (needs masked_loss)",
+        doc=(
+            "a folder of masks named like the images (same relative path and stem, or the stem alone), instead of "
+            "`masks/` beside them; needs `masked_loss`"
+        ),
+        group="validation",
+    )
+    validation_split: float = setting(
+        0.0,
+        "images held out to measure a validation loss: below 1 a fraction (0.1), from 1 a count (4); 0: off",
+        doc=(
+            "hold images out of training to measure a validation loss: below 1 a fraction of the images (0.1), "
+            "from 1 a count (4). Chosen from `validation_seed`; a held-out image never trains, with none of its "
+            "repeats (regularization images are never held out)"
+        ),
+        group="validation", min=0, advice="0: off; a fraction below 1 (0.1) or a whole number of images (4)",
+        widget=dict(max=10000.0, step=0.01),
+    )
+    validation_dataset: str = setting(
+        "",
+        "a folder of validation images (read like the dataset) instead of validation_split",
+        doc="a folder of validation images (read like `dataset`) instead of `validation_split`",
+        group="validation",
+    )
+    validate_every_n_steps: int = setting(
+        0,
+        "measure the validation loss every N steps (always before the first step and after the last)",
+        doc=(
+            "measure the validation loss every N steps; it is always measured before the first step and after "
+            "the last. Deterministic as kohya's `validation.md`: fixed timesteps (10, 350, 500, 650, 990 spread "
+            "over the timestep range), noise seeded per held-out image, centre crop, no flip, no dropout, no "
+            "caption augmentation, no gradients: the curve moves only when the LoRA does, whatever the batch size"
+        ),
+        group="validation", min=0, advice="0: only before the first and after the last step",
+        widget=dict(max=1000000),
+    )
+    validation_seed: int | None = setting(
+        None,
+        "picks the held-out images and seeds their noise (none, or 0 on the Training Options node: the run's seed)",
+        doc=(
+            "picks the held-out images and seeds their noise; fix it to compare runs with different `seed`s on "
+            "the same images"
+        ),
+        default_doc="`seed`", group="validation", min=0, optional=True, advice="or leave it out to use seed",
+        widget=dict(max=9223372036854775807),
+    )
+    early_stopping_metric: str = setting(
+        "train",
+        "what early stopping watches: the smoothed training loss, or the validation loss",
+        doc=(
+            "`validation`: `early_stopping_patience` watches the validation loss (steps since its best) instead of "
+            "the smoothed training loss"
+        ),
+        group="validation", choices=EARLY_STOPPING_METRICS,
+    )
+    keep_best: bool = setting(
+        False,
+        "also write <name>_best.safetensors, the LoRA at the lowest validation loss",
+        doc="also write `<output_name>_best.safetensors`, the LoRA at the step of the lowest validation loss",
+        group="validation",
+    )
     extra: dict = field(default_factory=dict)
 
     @property
@@ -961,7 +1054,6 @@ class TrainConfig:
              f"max-norm regularisation applies to adapter = 'lora' only, not {self.adapter!r}; set it to 0")
         need(self.min_timestep < self.max_timestep, "min_timestep", "use 0 <= min_timestep < max_timestep <= 1000")
         need(self.min_bucket_reso <= self.max_bucket_reso, "min_bucket_reso", "must not exceed max_bucket_reso")
-        need(isinstance(self.reg_dataset, str), "reg_dataset", "use a folder path, or \"\" for none")
         need(self.token_warmup_step < 1 or float(self.token_warmup_step).is_integer(),
              "token_warmup_step", "use 0 (off), a step count, or a fraction below 1 of steps")
         need(not self.fp8_base or self.adapter != "dora", "fp8_base",
@@ -980,7 +1072,31 @@ class TrainConfig:
             self.output_name = self.output_name[: -len(".safetensors")]
         problem = output_name_problem(self.output_name)
         need(problem is None, "output_name", problem or "")
+        need(not self.mask_dir or self.masked_loss, "mask_dir",
+             "masks are only used with masked_loss = true; switch it on or clear mask_dir")
+        need(self.validation_split < 1 or float(self.validation_split).is_integer(), "validation_split",
+             "use 0 (off), a fraction below 1 of the images (0.1), or a whole number of images (4)")
+        need(not (self.validation_split and self.validation_dataset), "validation_split",
+             "use either validation_split or validation_dataset, not both")
+        need(not self.validate_every_n_steps or self.validating, "validate_every_n_steps",
+             "needs held-out images: set validation_split (e.g. 0.1) or validation_dataset")
+        need(self.early_stopping_metric == "train" or self.validating, "early_stopping_metric",
+             "'validation' needs held-out images: set validation_split or validation_dataset")
+        need(self.early_stopping_metric == "train" or self.early_stopping_patience > 0, "early_stopping_metric",
+             "'validation' watches the validation loss for early stopping; set early_stopping_patience (steps)")
+        need(not self.keep_best or self.validating, "keep_best",
+             "keeps the LoRA of the best validation loss; set validation_split or validation_dataset")
         return self
+
+    @property
+    def validating(self) -> bool:
+        """Whether the run measures a validation loss (held-out images or a validation folder)."""
+        return bool(self.validation_split or self.validation_dataset)
+
+    @property
+    def effective_validation_seed(self) -> int:
+        """The seed that picks the held-out images and draws their noise: ``validation_seed`` or ``seed``."""
+        return self.seed if self.validation_seed is None else int(self.validation_seed)
 
     @classmethod
     def from_dict(cls, values: dict, source: str = "config") -> "TrainConfig":
@@ -1016,7 +1132,7 @@ class TrainConfig:
         config = cls.from_dict(values, source=path)
         # Relative paths in a config file are relative to that file, not to the shell's folder.
         for key in ("checkpoint", "dataset", "output_dir", "tokenizer", "network_weights", "resume_from", "cache_dir",
-                    "state_dir", "reg_dataset"):
+                    "state_dir", "reg_dataset", "mask_dir", "validation_dataset"):
             value = getattr(config, key)
             if value and not os.path.isabs(value):
                 setattr(config, key, os.path.normpath(os.path.join(base, value)))

@@ -10,6 +10,10 @@ the folder's class tokens (``name``), as kohya does.
 Regularization (class) images come from a second folder read the same way (``reg_dataset``). As in kohya
 (``DreamBoothDataset``), their repeats are raised or cut so that one epoch holds as many reg samples as
 train samples; they are marked ``is_reg`` and their loss is weighted by ``prior_loss_weight``.
+
+Loss masks (kohya's ``masked_loss``): an image's mask is the same-stem image in a ``masks/`` folder beside
+it (such folders are never scanned for training images), or in ``mask_dir``; or, with ``alpha_mask``, the
+image's own alpha channel. :func:`training_pixels` crops, scales and flips an image and its mask together.
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ from dataclasses import dataclass, field
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif")  # animated: first frame
 CAPTION_EXTENSIONS = (".txt", ".caption")
 REPEAT_FOLDER = re.compile(r"^(\d+)_(.*)$")
+MASK_FOLDER = "masks"  # beside the images: same-stem mask images (white trains, black is ignored)
 
 
 class DatasetError(ValueError):
@@ -40,6 +45,7 @@ class DatasetItem:
     subset: str = "."  # folder relative to the dataset root, for ss_dataset_dirs
     is_reg: bool = False  # a regularization (class) image: its loss is weighted by prior_loss_weight
     caption_lines: list[str] | None = None  # every non-empty line of a multi-line caption file (enable_wildcard)
+    mask_path: str | None = None  # its loss mask (masks/<stem>.* beside it, or in mask_dir), if there is one
 
 
 @dataclass
@@ -69,6 +75,11 @@ class Dataset:
     def num_reg_samples(self) -> int:
         """Reg samples per epoch after balancing (about ``num_train_samples`` when a reg folder is given)."""
         return sum(item.repeats for item in self.items if item.is_reg)
+
+    @property
+    def num_masks(self) -> int:
+        """Images with a mask file."""
+        return sum(1 for item in self.items if item.mask_path)
 
     def has_caption_variants(self) -> bool:
         """True when ``enable_wildcard`` can give an image different captions: a ``{a|b}`` or several lines."""
@@ -111,6 +122,8 @@ class Dataset:
             digest.update(str(item.repeats).encode())
             if item.is_reg:
                 digest.update(b"reg")
+            if item.mask_path:
+                digest.update(b"mask" + file_digest(item.mask_path).encode())
         return digest.hexdigest()
 
 
@@ -168,14 +181,38 @@ def _metadata_captions(folder: str) -> dict[str, str] | None:
     return None
 
 
-def _scan_folder(root: str, folder: str, repeats: int, class_tokens: str, items: list, warnings: list):
+def _mask_files(folder: str) -> dict[str, str]:
+    """stem -> mask image in ``folder`` (the first by IMAGE_EXTENSIONS order when a stem has several)."""
+    if not os.path.isdir(folder):
+        return {}
+    found: dict[str, tuple[int, str]] = {}
+    for name in sorted(os.listdir(folder)):
+        stem, ext = os.path.splitext(name)
+        path = os.path.join(folder, name)
+        if ext.lower() in IMAGE_EXTENSIONS and os.path.isfile(path):
+            rank = IMAGE_EXTENSIONS.index(ext.lower())
+            if stem not in found or rank < found[stem][0]:
+                found[stem] = (rank, path)
+    return {stem: path for stem, (_, path) in found.items()}
+
+
+def _scan_folder(root: str, folder: str, repeats: int, class_tokens: str, items: list, warnings: list,
+                 mask_dir: str | None = None):
     metadata = _metadata_captions(folder)
     subset = os.path.relpath(folder, root)
     for dirpath, dirnames, filenames in os.walk(folder, followlinks=False):
-        dirnames.sort()
+        dirnames[:] = sorted(d for d in dirnames if d != MASK_FOLDER)
         if dirpath == root:
             dirnames[:] = []  # top-level subfolders are handled by load_dataset
         image_stems = {os.path.splitext(n)[0] for n in filenames if os.path.splitext(n)[1].lower() in IMAGE_EXTENSIONS}
+        masks = _mask_files(os.path.join(dirpath, MASK_FOLDER))
+        for stem in sorted(set(masks) - image_stems):
+            warnings.append(f"mask {masks[stem]} has no image of the same name; ignored")
+        if mask_dir:  # mask_dir mirrors the dataset's folders; a mask may also lie at its top level
+            rel_dir = os.path.relpath(dirpath, root)
+            masks = {**masks, **_mask_files(mask_dir)}
+            if rel_dir != ".":
+                masks.update(_mask_files(os.path.join(mask_dir, rel_dir)))
         for name in sorted(filenames):
             stem, ext = os.path.splitext(name)
             if ext.lower() in CAPTION_EXTENSIONS and stem not in image_stems:
@@ -203,19 +240,28 @@ def _scan_folder(root: str, folder: str, repeats: int, class_tokens: str, items:
                 caption = class_tokens
                 warnings.append(f"no caption for {path}" + (f"; using '{class_tokens}'" if class_tokens else ""))
             items.append(DatasetItem(path, caption, repeats, subset,
-                                     caption_lines=lines if lines and len(lines) > 1 else None))
+                                     caption_lines=lines if lines and len(lines) > 1 else None,
+                                     mask_path=masks.get(stem)))
 
 
-def load_dataset(folder: str, reg_folder: str | None = None) -> Dataset:
+def load_dataset(folder: str, reg_folder: str | None = None, mask_dir: str | None = None) -> Dataset:
     """Scan ``folder`` (see the module docstring for layouts), and ``reg_folder`` for regularization images.
+    ``mask_dir``: a folder of the dataset's masks instead of ``masks/`` beside the images.
 
     Raises DatasetError when unusable.
     """
-    dataset = _load_folder(folder, "dataset")
+    if mask_dir and not os.path.isdir(mask_dir):
+        raise DatasetError(f"mask_dir folder not found: {mask_dir}. Point it at a folder of masks named like the "
+                           "images, or leave it empty to use masks/ folders beside the images.")
+    dataset = _load_folder(folder, "dataset", mask_dir)
     if reg_folder:
-        reg = _load_folder(reg_folder, "reg_dataset")
-        dataset = add_regularization(dataset, reg)
+        dataset = add_regularization(dataset, load_reg_dataset(reg_folder))
     return dataset
+
+
+def load_reg_dataset(folder: str) -> Dataset:
+    """A regularization folder, read like a dataset, before :func:`add_regularization` balances it."""
+    return _load_folder(folder, "reg_dataset")
 
 
 def add_regularization(dataset: Dataset, reg: Dataset) -> Dataset:
@@ -249,16 +295,19 @@ def add_regularization(dataset: Dataset, reg: Dataset) -> Dataset:
                    reg_dirs=reg_dirs)
 
 
-def _load_folder(folder: str, key: str) -> Dataset:
+def _load_folder(folder: str, key: str, mask_dir: str | None = None) -> Dataset:
     root = os.path.abspath(folder)
     if not os.path.isdir(root):
         raise DatasetError(f"{key} folder not found: {folder}. Point it at a folder of images with captions.")
+    mask_dir = os.path.abspath(mask_dir) if mask_dir else None
     items: list[DatasetItem] = []
     warnings: list[str] = []
-    _scan_folder(root, root, 1, "", items, warnings)
+    _scan_folder(root, root, 1, "", items, warnings, mask_dir)
     for name in sorted(os.listdir(root)):
         path = os.path.join(root, name)
-        if not os.path.isdir(path) or name.startswith("."):
+        if not os.path.isdir(path) or name.startswith(".") or name == MASK_FOLDER:
+            continue
+        if mask_dir and os.path.realpath(path) == os.path.realpath(mask_dir):
             continue
         real = os.path.realpath(path)
         if os.path.islink(path) and (real == os.path.realpath(root) or os.path.realpath(root).startswith(real + os.sep)):
@@ -266,9 +315,9 @@ def _load_folder(folder: str, key: str) -> Dataset:
             continue
         match = REPEAT_FOLDER.match(name)
         if match:
-            _scan_folder(root, path, max(1, int(match.group(1))), match.group(2).strip(), items, warnings)
+            _scan_folder(root, path, max(1, int(match.group(1))), match.group(2).strip(), items, warnings, mask_dir)
         else:
-            _scan_folder(root, path, 1, "", items, warnings)
+            _scan_folder(root, path, 1, "", items, warnings, mask_dir)
     where = "" if key == "dataset" else f"{key}: "
     if not items:
         raise DatasetError(
@@ -284,45 +333,169 @@ def _load_folder(folder: str, key: str) -> Dataset:
     return Dataset(root, items, warnings)
 
 
-def load_image(path: str):
-    """Open an image upright (EXIF orientation applied), first frame, as RGB."""
+def _open_upright(path: str, what: str = "image"):
+    """The first frame of an image file, EXIF orientation applied, decoded (PIL)."""
     from PIL import Image, ImageOps, UnidentifiedImageError
 
     try:
         with Image.open(path) as img:
             img.seek(0)
-            img = ImageOps.exif_transpose(img)
-            if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
-                # Transparent pixels become white, as image viewers show them, not black.
-                rgba = img.convert("RGBA")
-                background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-                img = Image.alpha_composite(background, rgba)
-            elif img.mode in ("I;16", "I;16B", "I;16L", "I"):
-                img = img.point(lambda v: v / 256).convert("L")
-            return img.convert("RGB")
+            upright = ImageOps.exif_transpose(img)
+            upright = img.copy() if upright is img else upright  # outlive the file
+            upright.load()
+            return upright
     except Image.DecompressionBombError as e:
         raise DatasetError(
-            f"image {path} is too large to decode safely ({e}). Downscale it (4096 pixels on the long side "
+            f"{what} {path} is too large to decode safely ({e}). Downscale it (4096 pixels on the long side "
             "is plenty for training) or remove it."
         ) from None
     except (UnidentifiedImageError, OSError, SyntaxError) as e:
-        raise DatasetError(f"cannot read image {path}: {e}. Remove or re-save the file.") from None
+        raise DatasetError(f"cannot read {what} {path}: {e}. Remove or re-save the file.") from None
 
 
-def resize_and_crop(img, width: int, height: int, crop: str = "center", rng=None):
-    """Scale ``img`` to cover width x height, then crop. Returns (image, (crop_top, crop_left))."""
+def has_alpha(img) -> bool:
+    """Whether a PIL image has transparency (an alpha channel, or a palette with a transparent entry)."""
+    return img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info)
+
+
+def _to_rgb(img):
     from PIL import Image
 
-    scale = max(width / img.width, height / img.height)
-    new_w, new_h = max(width, round(img.width * scale)), max(height, round(img.height * scale))
-    if (new_w, new_h) != img.size:
-        img = img.resize((new_w, new_h), Image.LANCZOS)
+    if has_alpha(img):
+        # Transparent pixels become white, as image viewers show them, not black.
+        rgba = img.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        img = Image.alpha_composite(background, rgba)
+    elif img.mode in ("I;16", "I;16B", "I;16L", "I"):
+        img = img.point(lambda v: v / 256).convert("L")
+    return img.convert("RGB")
+
+
+def load_image(path: str):
+    """Open an image upright (EXIF orientation applied), first frame, as RGB."""
+    return _to_rgb(_open_upright(path))
+
+
+def _alpha_of(img):
+    """The alpha channel of an opened image as an "L" image, or None when it has none."""
+    return img.convert("RGBA").getchannel("A") if has_alpha(img) else None
+
+
+def load_mask(path: str, size: tuple[int, int] | None = None):
+    """A mask file as an "L" image: white (255) trains, black is ignored, grey weights. Colour masks use their
+    R channel, as kohya does; transparent parts of a mask count as black. ``size`` (width, height): stretch
+    to it (a mask of another size than its image; Load Dataset's report flags those)."""
+    from PIL import Image
+
+    img = _open_upright(path, "mask")
+    if has_alpha(img):
+        rgba = img.convert("RGBA")
+        img = Image.alpha_composite(Image.new("RGBA", rgba.size, (0, 0, 0, 255)), rgba)
+    elif img.mode in ("I;16", "I;16B", "I;16L", "I"):
+        img = img.point(lambda v: v / 256).convert("L")
+    mask = img.convert("L") if img.mode in ("1", "L") else img.convert("RGB").getchannel("R")
+    if size is not None and mask.size != tuple(size):
+        mask = mask.resize(tuple(size), Image.BILINEAR)
+    return mask
+
+
+def mask_source(item: DatasetItem, masked_loss: bool, alpha_mask: bool) -> str | None:
+    """Where an item's loss mask comes from: ``"file"`` (its mask file, with ``masked_loss``), ``"alpha"``
+    (its alpha channel, with ``alpha_mask``), ``"white"`` (masks are on but it has none: it trains whole), or
+    None (masks are off)."""
+    if masked_loss and item.mask_path:
+        return "file"
+    if alpha_mask:
+        return "alpha"
+    return "white" if masked_loss else None
+
+
+def crop_box(image_size: tuple[int, int], width: int, height: int, crop: str = "center", rng=None):
+    """How an image of ``image_size`` (w, h) is fitted to width x height: scaled to cover it, then cropped.
+    Returns ((scaled_w, scaled_h), (left, top)); ``crop = "random"`` draws the offset from ``rng``."""
+    scale = max(width / image_size[0], height / image_size[1])
+    new_w, new_h = max(width, round(image_size[0] * scale)), max(height, round(image_size[1] * scale))
     if crop == "random" and rng is not None:
         left = int(rng.integers(0, new_w - width + 1))
         top = int(rng.integers(0, new_h - height + 1))
     else:
         left, top = (new_w - width) // 2, (new_h - height) // 2
-    return img.crop((left, top, left + width, top + height)), (top, left)
+    return (new_w, new_h), (left, top)
+
+
+def _apply_box(img, box, width: int, height: int):
+    from PIL import Image
+
+    (new_w, new_h), (left, top) = box
+    if (new_w, new_h) != img.size:
+        img = img.resize((new_w, new_h), Image.LANCZOS)
+    return img.crop((left, top, left + width, top + height))
+
+
+def resize_and_crop(img, width: int, height: int, crop: str = "center", rng=None):
+    """Scale ``img`` to cover width x height, then crop. Returns (image, (crop_top, crop_left))."""
+    box = crop_box(img.size, width, height, crop, rng)
+    return _apply_box(img, box, width, height), (box[1][1], box[1][0])
+
+
+@dataclass
+class TrainingPixels:
+    """An image as trained and its loss mask, transformed together: see :func:`training_pixels`."""
+
+    pixels: object  # torch [3, H, W] in [-1, 1]
+    mask: object | None  # torch [1, H, W] in [0, 1], or None when masks are off
+    original_size: tuple[int, int]  # (height, width) before scaling, as SDXL's time ids want it
+    crop_top_left: tuple[int, int]  # (top, left) in the scaled image
+
+    def flipped(self) -> "TrainingPixels":
+        """The mirror image, its mask mirrored with it."""
+        return dataclasses.replace(self, pixels=self.pixels.flip(-1),
+                                   mask=None if self.mask is None else self.mask.flip(-1))
+
+
+def training_pixels(item: DatasetItem, width: int, height: int, *, crop: str = "center", rng=None,
+                    flip: bool = False, masked_loss: bool = False, alpha_mask: bool = False) -> TrainingPixels:
+    """An item's image at width x height and its loss mask (:func:`mask_source`), both through one crop box
+    and one flip, so they cannot drift apart. The mask is None when masks are off, and all ones for an item
+    without one (also for ``alpha_mask`` on an image without alpha, as in kohya)."""
+    import torch
+
+    opened = _open_upright(item.image_path)
+    image = _to_rgb(opened)
+    source = mask_source(item, masked_loss, alpha_mask)
+    mask_image = None
+    if source == "file":
+        mask_image = load_mask(item.mask_path, image.size)
+    elif source == "alpha":
+        mask_image = _alpha_of(opened)
+    box = crop_box(image.size, width, height, crop, rng)
+    pixels = image_to_tensor(_apply_box(image, box, width, height))
+    mask = None
+    if source is not None:
+        mask = torch.ones(1, height, width) if mask_image is None \
+            else mask_to_tensor(_apply_box(mask_image, box, width, height))
+    out = TrainingPixels(pixels, mask, (image.height, image.width), (box[1][1], box[1][0]))
+    return out.flipped() if flip else out
+
+
+def mask_to_tensor(mask):
+    """PIL "L" mask -> float tensor [1, H, W] in [0, 1]."""
+    import numpy as np
+    import torch
+
+    return torch.from_numpy(np.asarray(mask, dtype=np.float32) / 255.0).unsqueeze(0).contiguous()
+
+
+def mask_to_latent(mask, latent_size: tuple[int, int]):
+    """A pixel mask [1, H, W] or [B, 1, H, W] reduced to latent size (h, w) by area averaging, as kohya's
+    ``apply_masked_loss`` does: a latent pixel's weight is the mean of the mask over the pixels it covers."""
+    import torch.nn.functional as F
+
+    batched = mask.dim() == 4
+    m = mask if batched else mask.unsqueeze(0)
+    if tuple(m.shape[-2:]) != tuple(latent_size):
+        m = F.interpolate(m.float(), size=tuple(latent_size), mode="area")
+    return m if batched else m[0]
 
 
 def image_to_tensor(img):

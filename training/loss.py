@@ -18,6 +18,7 @@ import torch.nn.functional as F
 
 from . import flow
 from .config import HUBER_SCHEDULES
+from .dataset import mask_to_latent
 from .noise import sample_noise
 
 
@@ -110,8 +111,8 @@ def huber_threshold(schedule: str, huber_c: float, huber_scale: float, scheduler
     raise ValueError(f"huber_schedule = {schedule!r} is not known; use one of {', '.join(HUBER_SCHEDULES)}")
 
 
-def per_sample_loss(prediction: torch.Tensor, target: torch.Tensor, loss_type: str, huber_c) -> torch.Tensor:
-    """Loss per sample (mean over C, H, W): [B]. ``huber_c`` is a float or a [B] tensor (a schedule)."""
+def element_loss(prediction: torch.Tensor, target: torch.Tensor, loss_type: str, huber_c) -> torch.Tensor:
+    """Loss per element: [B, C, H, W]. ``huber_c`` is a float or a [B] tensor (a schedule)."""
     p, t = prediction.float(), target.float()
     if isinstance(huber_c, torch.Tensor):
         huber_c = huber_c.to(p.device, torch.float32).view(-1, *([1] * (p.dim() - 1)))
@@ -128,7 +129,30 @@ def per_sample_loss(prediction: torch.Tensor, target: torch.Tensor, loss_type: s
         element = 2 * F.smooth_l1_loss(p, t, reduction="none", beta=huber_c)
     else:
         raise ValueError(f"loss_type = {loss_type!r} is not known")
-    return element.flatten(1).mean(1)
+    return element
+
+
+def per_sample_loss(prediction: torch.Tensor, target: torch.Tensor, loss_type: str, huber_c,
+                    mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Loss per sample: [B], the element loss weighted by ``mask`` (see ``apply_loss_mask``)."""
+    return apply_loss_mask(element_loss(prediction, target, loss_type, huber_c), mask)
+
+
+def apply_loss_mask(element: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """kohya's masked loss: per-sample loss [B] from the element loss [B, C, h, w] and masks [B, 1, H, W] in
+    [0, 1] (pixel or latent size; reduced to h x w by area averaging). ``mask = None``: the plain mean.
+
+    As kohya (``apply_masked_loss``, then ``loss.mean([1, 2, 3])``), the weighted loss is averaged over all
+    latent elements, not over the mask's area: a full white mask gives exactly the unmasked loss, a black
+    region adds neither loss nor gradient, a mostly black mask also lowers the loss's scale. Per-sample
+    weights (min-SNR, debiased, prior loss weight) multiply the result."""
+    if mask is None:
+        return element.flatten(1).mean(1)
+    if mask.dim() != 4 or mask.shape[0] != element.shape[0] or mask.shape[1] != 1:
+        raise ValueError(f"loss mask of shape {tuple(mask.shape)} does not fit a loss of shape "
+                         f"{tuple(element.shape)}: expected [B, 1, H, W]")
+    weights = mask_to_latent(mask.to(element.device), tuple(element.shape[-2:])).to(element.dtype)
+    return (element * weights).flatten(1).mean(1)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -256,13 +280,14 @@ class Objective:
         """What the model should output for that input."""
         return self.parameterisation.target(self, latents, noise, timesteps)
 
-    def per_sample(self, prediction, target, timesteps) -> torch.Tensor:
-        """The weighted loss of each sample: [B]."""
+    def per_sample(self, prediction, target, timesteps, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """The weighted loss of each sample: [B]; ``mask`` [B, 1, H, W] (masked loss) is applied before the
+        per-sample weights."""
         huber_c = self.huber_c
         if self.loss_type in ("huber", "smooth_l1"):
             t, total = self.parameterisation.huber_timesteps(timesteps)
             huber_c = huber_threshold(self.huber_schedule, self.huber_c, self.huber_scale, self.scheduler, t, total)
-        per = per_sample_loss(prediction, target, self.loss_type, huber_c)
+        per = per_sample_loss(prediction, target, self.loss_type, huber_c, mask)
         for weight in self.parameterisation.weights(self, timesteps):
             per = per * weight
         return per

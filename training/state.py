@@ -22,6 +22,7 @@ TRAJECTORY_KEYS = (
     "seed", "batch_size", "gradient_accumulation_steps", "rank", "alpha", "adapter", "target", "target_modules",
     "conv_rank", "conv_alpha", "rslora", "train_unet", "train_text_encoder", "optimizer", "resolution",
     "enable_bucket", "num_processes", "loraplus_lr_ratio", "loraplus_unet_lr_ratio", "loraplus_text_encoder_lr_ratio",
+    "validation_split", "validation_seed",  # which images are held out changes the data order (issue 15)
 )
 _STEP = re.compile(r"_state_step(\d+)\.pt$")
 

@@ -1,5 +1,5 @@
 // Frontend extension for comfyui-lora-trainer.
-// - Train LoRA nodes get a live panel: loss chart (raw + smoothed), step/total, speed, ETA, the estimate,
+// - Train LoRA nodes get a live panel: loss chart (raw + smoothed, and the validation loss), step/total, speed, ETA, the estimate,
 //   and the latest sample images, fed by the server's loratrainer.* messages. A reloaded page re-draws
 //   it from the server's run records (GET /loratrainer/runs, /loratrainer/runs/{id}).
 // - Every LoRA list refreshes when a LoRA file is written (ComfyUI fetches the lists once per page).
@@ -15,6 +15,7 @@ export const EVENTS = {
   progress: "loratrainer.progress",
   sample: "loratrainer.sample",
   saved: "loratrainer.saved",
+  validation: "loratrainer.validation", // {step, loss}: one validation measurement (issue 15)
 };
 const TRAIN_NODE = "LoraTrainer_TrainLoRA";
 const DATASET_NODE = "LoraTrainer_LoadDataset";
@@ -132,12 +133,13 @@ function draw(panel, state) {
   ctx.clearRect(0, 0, width, height);
   ctx.fillStyle = "rgba(0,0,0,0.25)";
   ctx.fillRect(0, 0, width, height);
-  const g = layout(state.losses, { firstStep: state.firstStep, total: state.total, width, height });
+  const g = layout(state.losses, { firstStep: state.firstStep, total: state.total, width, height,
+    validation: state.validation });
   ctx.strokeStyle = "rgba(255,255,255,0.25)";
   ctx.strokeRect(g.plot.x, g.plot.y, g.plot.w, g.plot.h);
   ctx.fillStyle = "rgba(255,255,255,0.7)";
   ctx.font = "10px sans-serif";
-  if (state.losses.length) {
+  if (state.losses.length || state.validation.length) {
     for (const t of g.ticks) ctx.fillText(t.label, 2, t.y + 3);
   }
   ctx.fillText(`step ${g.steps}`, g.plot.x + g.plot.w - 48, height - 4);
@@ -152,6 +154,10 @@ function draw(panel, state) {
   };
   line(g.raw, "rgba(110,170,255,0.45)", 1);
   line(g.smooth, "rgba(255,170,60,1)", 2);
+  line(g.validation, "rgba(90,220,120,1)", 2);
+  ctx.fillStyle = "rgba(90,220,120,1)";
+  for (const [x, y] of g.validation) ctx.fillRect(x - 2, y - 2, 4, 4); // measurements, not a per-step series
+  if (g.validation.length) ctx.fillText("validation", g.plot.x + 4, g.plot.y + 10);
   canvas.dataset.points = String(state.losses.length);
   panel.status.textContent = state.statusLine();
   const e = state.estimate;
@@ -259,6 +265,7 @@ app.registerExtension({
     api.addEventListener(EVENTS.run, onMessage("run"));
     api.addEventListener(EVENTS.progress, onMessage("progress"));
     api.addEventListener(EVENTS.sample, onMessage("sample"));
+    api.addEventListener(EVENTS.validation, onMessage("validation"));
     api.addEventListener(EVENTS.saved, () => refreshLoraLists());
     api.addEventListener("reconnected", () => restoreRuns());
     // the saved workflow is restored after setup (frontend 1.27): try now and once the graph is there

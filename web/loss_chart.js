@@ -80,22 +80,35 @@ export function downsample(points, max = 600) {
 /**
  * Pixel coordinates for the chart: raw and smoothed polylines inside a box with margins.
  * losses[i] belongs to step firstStep + i + 1; the x axis spans steps 0..total.
+ * validation: [[step, loss], ...] (the validation loss, measured every N steps and at step 0), drawn as
+ * its own polyline on the same axes; the y range covers both series.
  */
 export function layout(losses, { firstStep = 0, total = 0, width = 300, height = 150, weight = 0.9,
-  margin = { left: 44, right: 8, top: 8, bottom: 18 }, maxPoints = 600 } = {}) {
-  const steps = Math.max(total, firstStep + losses.length, 1);
+  margin = { left: 44, right: 8, top: 8, bottom: 18 }, maxPoints = 600, validation = [] } = {}) {
+  const lastValidationStep = validation.length ? validation[validation.length - 1][0] : 0;
+  const steps = Math.max(total, firstStep + losses.length, lastValidationStep, 1);
   const plotW = Math.max(1, width - margin.left - margin.right);
   const plotH = Math.max(1, height - margin.top - margin.bottom);
   const smoothed = smooth(losses, weight);
-  const [lo, hi] = yRange(losses);
+  const [lo, hi] = yRange([...losses, ...validation.map(([, v]) => v)]);
   const x = (step) => margin.left + (step / steps) * plotW;
   const y = (v) => margin.top + (1 - (v - lo) / (hi - lo)) * plotH;
   const raw = downsample(losses.map((v, i) => [x(firstStep + i + 1), y(v)]), maxPoints);
   const smoothPts = downsample(smoothed.map((v, i) => [x(firstStep + i + 1), y(v)]), maxPoints);
+  const validationPts = validation.filter(([, v]) => Number.isFinite(v)).map(([step, v]) => [x(step), y(v)]);
   const ticks = [hi, (hi + lo) / 2, lo].map((v) => ({ value: v, y: y(v), label: formatLoss(v) }));
-  return { raw, smooth: smoothPts, ticks, lo, hi, steps, plot: { x: margin.left, y: margin.top, w: plotW, h: plotH },
+  return { raw, smooth: smoothPts, validation: validationPts, ticks, lo, hi, steps,
+    plot: { x: margin.left, y: margin.top, w: plotW, h: plotH },
     last: losses.length ? losses[losses.length - 1] : null,
-    lastSmooth: smoothed.length ? smoothed[smoothed.length - 1] : null };
+    lastSmooth: smoothed.length ? smoothed[smoothed.length - 1] : null,
+    lastValidation: validation.length ? validation[validation.length - 1][1] : null };
+}
+
+/** Insert or replace (same step) one validation point, keeping the list sorted by step. */
+export function addValidationPoint(points, step, loss) {
+  const out = points.filter(([s]) => s !== step);
+  out.push([step, loss]);
+  return out.sort((a, b) => a[0] - b[0]);
 }
 
 export function formatLoss(v) {
@@ -117,6 +130,7 @@ export class RunState {
     this.firstStep = 0;
     this.resumedAt = 0; // a resumed run: the step it continued from (speed counts from there)
     this.losses = [];
+    this.validation = []; // [[step, loss], ...]: the validation loss (issue 15), sorted by step
     this.times = []; // [step, seconds] for speed
     this.samples = []; // [{step, images: [{filename, subfolder, type}], prompts}]
     this.estimate = null;
@@ -134,6 +148,7 @@ export class RunState {
     state.firstStep = record.first_step || 0;
     state.resumedAt = record.resumed_at || state.firstStep;
     state.losses = [...(record.losses || [])];
+    state.validation = (record.validation || []).map((p) => [p.step, p.loss]);
     state.samples = [...(record.samples || [])];
     state.estimate = record.estimate || null;
     state.message = record.message || "";
@@ -161,6 +176,7 @@ export class RunState {
         this.resumedAt = data.resumed_at || 0;
         this.step = data.step ?? this.firstStep + this.losses.length;
       }
+      if (Array.isArray(data.validation)) this.validation = data.validation.map((p) => [p.step, p.loss]);
       if (data.estimate) this.estimate = data.estimate;
       if (data.message || data.file) this.message = data.message || data.file;
       return true;
@@ -183,6 +199,10 @@ export class RunState {
       }
       return true;
     }
+    if (type === "validation") {
+      this.validation = addValidationPoint(this.validation, data.step, data.loss);
+      return true;
+    }
     if (type === "sample") {
       this.samples.push({ step: data.step, images: data.images || [], prompts: data.prompts || [] });
       if (this.samples.length > 64) this.samples.splice(0, this.samples.length - 64);
@@ -200,6 +220,10 @@ export class RunState {
     if (this.losses.length) {
       const s = smooth(this.losses.slice(-200));
       parts.push(`loss ${formatLoss(this.losses[this.losses.length - 1])} (avg ${formatLoss(s[s.length - 1])})`);
+    }
+    if (this.validation.length) {
+      const best = this.validation.reduce((a, b) => (b[1] < a[1] ? b : a));
+      parts.push(`val ${formatLoss(this.validation[this.validation.length - 1][1])} (best ${formatLoss(best[1])} @ ${best[0]})`);
     }
     if (this.status === "running") parts.push(formatRate(this.rate), `ETA ${formatDuration(this.eta)}`);
     else if (this.status && this.status !== "idle") parts.push(this.status);

@@ -3,6 +3,7 @@ import { test } from "node:test";
 import assert from "node:assert/strict";
 import {
   smooth, formatDuration, formatRate, rateAndEta, yRange, downsample, layout, RunState, viewPath, formatLoss,
+  addValidationPoint,
 } from "../../web/loss_chart.js";
 
 test("smooth is a debiased EMA: constant in, constant out; first value kept", () => {
@@ -133,4 +134,28 @@ test("a resumed run's first message carries the earlier losses: the chart starts
 test("viewPath builds a /view query", () => {
   assert.equal(viewPath({ filename: "a b.png", subfolder: "loratrainer", type: "temp" }),
     "/view?filename=a+b.png&subfolder=loratrainer&type=temp");
+});
+
+test("validation is a second series on the same axes, kept by step (issue 15)", () => {
+  const losses = [1, 0.8, 0.6, 0.5];
+  const g = layout(losses, { total: 4, width: 144, height: 126, validation: [[0, 2], [2, 0.7], [4, 0.65]] });
+  assert.equal(g.validation.length, 3);
+  assert.equal(g.hi > 2 && g.lo < 0.5, true); // the y range covers both series
+  assert.equal(g.validation[0][0], g.plot.x); // step 0 at the left edge
+  assert.equal(g.validation[2][0], g.raw[g.raw.length - 1][0]); // step 4 where the training loss of step 4 is
+  assert.equal(g.lastValidation, 0.65);
+  assert.deepEqual(layout(losses, { total: 4 }).validation, []);
+  assert.deepEqual(addValidationPoint([[0, 1], [4, 0.5]], 2, 0.7), [[0, 1], [2, 0.7], [4, 0.5]]);
+  assert.deepEqual(addValidationPoint([[0, 1], [4, 0.5]], 4, 0.4), [[0, 1], [4, 0.4]]);
+
+  const state = new RunState("r1");
+  state.apply("progress", { run_id: "r1", step: 1, total: 4, loss: 1 });
+  state.apply("validation", { run_id: "r1", step: 0, loss: 2 });
+  state.apply("validation", { run_id: "r1", step: 2, loss: 0.7 });
+  assert.deepEqual(state.validation, [[0, 2], [2, 0.7]]);
+  assert.match(state.statusLine(), /val 0\.700 \(best 0\.700 @ 2\)/);
+  const reloaded = RunState.fromRecord({ run_id: "r1", status: "running", step: 2, total: 4, losses: [1, 0.9],
+    validation: [{ step: 0, loss: 2 }, { step: 2, loss: 0.7 }] });
+  assert.deepEqual(reloaded.validation, state.validation);
+  assert.deepEqual(RunState.fromRecord({ run_id: "r2", status: "done", step: 1, total: 1, losses: [1] }).validation, []);
 });

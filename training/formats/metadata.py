@@ -88,6 +88,16 @@ class RunInfo:
     loss_type: str | None = None
     zero_terminal_snr: bool | None = None
     prior_loss_weight: float | None = None
+    # validation and masked loss (issue 15)
+    masked_loss: bool | None = None
+    alpha_mask: bool | None = None
+    validation_split: float | None = None
+    validation_seed: int | None = None
+    num_validation_images: int | None = None
+    validation_loss: float | None = None       # the last validation loss measured
+    validation_step: int | None = None         # ... and its step
+    best_validation_loss: float | None = None  # the lowest (keep_best's <name>_best file is of that step)
+    best_validation_step: int | None = None
     # run
     session_id: int | None = None             # None -> a random one, like kohya
     training_started_at: float | None = None  # unix time
@@ -204,6 +214,15 @@ def make_metadata(info: RunInfo) -> dict[str, str]:
     put("ss_loss_type", info.loss_type)
     put("ss_zero_terminal_snr", info.zero_terminal_snr)
     put("ss_prior_loss_weight", info.prior_loss_weight)
+    put("ss_masked_loss", info.masked_loss)
+    put("ss_alpha_mask", info.alpha_mask)
+    put("ss_validation_split", info.validation_split)
+    put("ss_validation_seed", info.validation_seed)
+    put("ss_num_validation_images", info.num_validation_images)
+    put("ss_validation_loss", info.validation_loss)
+    put("ss_validation_step", info.validation_step)
+    put("ss_best_validation_loss", info.best_validation_loss)
+    put("ss_best_validation_step", info.best_validation_step)
     # run
     session_id = info.session_id if info.session_id is not None else random.randint(0, 2**32 - 1)
     put("ss_session_id", session_id)

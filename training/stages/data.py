@@ -9,9 +9,11 @@ import torch
 
 from ..buckets import assign_bucket, make_bucket_resolutions
 from ..cache import LatentCache, TextCache
-from ..dataset import Dataset, DatasetError, image_size, load_dataset, with_trigger
+from ..dataset import Dataset, DatasetError, image_size, with_trigger
 from ..models import encode_prompts
+from ..validation import load_training_sets
 from .context import RunContext
+from .validate import Validation, build_validation
 
 
 @dataclass
@@ -23,12 +25,29 @@ class Data:
     latent_cache: LatentCache | None  # None: images are encoded every step
     text_cache: TextCache | None  # None: captions are encoded every step
     captions_fixed: bool  # every caption is the same each epoch (so all can be encoded up front)
+    validation: Validation | None = None  # the held-out images (validation_split / validation_dataset)
 
 
-def load_data(ctx: RunContext) -> Dataset:
-    """The dataset (and regularization images), refused when a global batch would not fit in it."""
+def load_data(ctx: RunContext) -> tuple[Dataset, Dataset | None]:
+    """(the dataset with its regularization images, the held-out validation images or None); refused when a
+    global batch would not fit, or masked loss finds no mask."""
     config = ctx.config
-    dataset = load_dataset(config.dataset, config.reg_dataset or None)
+    dataset, held_out = load_training_sets(config)
+    if held_out is not None:
+        ctx.log(f"validation set: {held_out.num_images} images "
+                + (f"from {config.validation_dataset}" if config.validation_dataset
+                   else f"held out of the dataset (validation_split = {config.validation_split:g})"))
+    if config.masked_loss:
+        train_images = [item for item in dataset.items if not item.is_reg]
+        masked = sum(1 for item in train_images if item.mask_path)
+        if not masked and not config.alpha_mask:
+            where = config.mask_dir or os.path.join(config.dataset, "masks")
+            raise DatasetError(f"masked_loss: no masks found in {where} (masks/ beside the images, or mask_dir): "
+                               "add masks named like the images, set alpha_mask for transparent images, or turn "
+                               "masked_loss off")
+        if masked < len(train_images):
+            ctx.log(f"masked loss: {len(train_images) - masked} of {len(train_images)} images have no mask and "
+                    "train whole")
     if dataset.reg_root:
         ctx.log(f"regularization images: {dataset.num_reg_images} with repeats in {config.reg_dataset}, "
                 f"{dataset.num_reg_samples} per epoch beside {dataset.num_train_samples} train samples, "
@@ -38,12 +57,12 @@ def load_data(ctx: RunContext) -> Dataset:
         raise DatasetError(
             f"batch_size {config.batch_size}{per} is larger than the dataset ({dataset.num_samples} samples with "
             "repeats); lower batch_size, or add images or repeats (N_name folders)")
-    for warning in dataset.warnings[:20]:
+    for warning in [*dataset.warnings, *(held_out.warnings if held_out is not None else [])][:20]:
         ctx.log(f"warning: {warning}")
-    return dataset
+    return dataset, held_out
 
 
-def training_sizes(ctx: RunContext, dataset: Dataset) -> tuple[list, dict | None]:
+def training_sizes(ctx: RunContext, dataset: Dataset, log: bool = True) -> tuple[list, dict | None]:
     """(width, height) per image, and the bucket counts when bucketing."""
     config = ctx.config
     originals = [image_size(item.image_path) for item in dataset.items]  # (w, h); also checks every image opens
@@ -57,12 +76,15 @@ def training_sizes(ctx: RunContext, dataset: Dataset) -> tuple[list, dict | None
     for s in sizes:
         counts[s] = counts.get(s, 0) + 1
     bucket_info = {f"{w}x{h}": n for (w, h), n in sorted(counts.items())}
-    ctx.log(f"buckets (width x height: images): {bucket_info}")
+    if log:
+        ctx.log(f"buckets (width x height: images): {bucket_info}")
     return sizes, bucket_info
 
 
-def build_caches(ctx: RunContext, base, dataset: Dataset) -> Data:
-    """Buckets, then the latents (encoded once unless crops are random) and the captions' conditionings."""
+def build_caches(ctx: RunContext, base, dataset: Dataset, held_out: Dataset | None = None,
+                 scheduler=None) -> Data:
+    """Buckets, then the latents (encoded once unless crops are random), the held-out validation images
+    (``scheduler``: the objective's, for the validation timesteps) and the captions' conditionings."""
     config = ctx.config
     sizes, bucket_info = training_sizes(ctx, dataset)
     random_crop = not config.center_crop
@@ -73,7 +95,8 @@ def build_caches(ctx: RunContext, base, dataset: Dataset) -> Data:
     latent_cache = None
     if mode != "none":
         cache_dir = config.cache_dir or os.path.join(dataset.root, ".lora_trainer_cache")
-        latent_cache = LatentCache(base, mode, cache_dir, config.flip, ctx.emit)
+        latent_cache = LatentCache(base, mode, cache_dir, config.flip, ctx.emit, masked_loss=config.masked_loss,
+                                   alpha_mask=config.alpha_mask)
         latent_cache.build(dataset.items, sizes, ctx.device)
         ctx.stats["vae_calls"] += latent_cache.vae_calls
         ctx.stats["latent_cache_hits"] = latent_cache.hits
@@ -86,12 +109,18 @@ def build_caches(ctx: RunContext, base, dataset: Dataset) -> Data:
                           or config.token_warmup_steps() > 0)
     text_cache = TextCache(config.max_token_length) \
         if not config.train_text_encoder and config.cache_text_embeddings else None
-    data = Data(dataset, sizes, bucket_info, random_crop, latent_cache, text_cache, captions_fixed)
+    validation = None
+    if held_out is not None:
+        validation = build_validation(ctx, base, held_out, training_sizes(ctx, held_out, log=False)[0],
+                                      scheduler or base.noise_scheduler)
+    data = Data(dataset, sizes, bucket_info, random_crop, latent_cache, text_cache, captions_fixed, validation)
     if text_cache is not None and captions_fixed:
         for encoder in base.text_encoders:
             encoder.to(ctx.device)
         for item in dataset.items:  # reg (class) images never get the trigger word
             text_condition(ctx, base, data, [with_trigger(item.caption, "" if item.is_reg else config.trigger_word)])
+        for sample in (validation.samples if validation is not None else []):  # their plain captions
+            text_condition(ctx, base, data, [sample.conditioning[0]])
         for encoder in base.text_encoders:
             encoder.to("cpu")
     return data

@@ -13,6 +13,7 @@ from ..formats import LoraWeights, RunInfo, kohya_state_dict_from_models, make_m
 from ..formats.metadata import kohya_extras_metadata
 from ..sampling import parse_prompt, sample_images
 from ..state import save_state, state_path
+from ..validation import validation_run_info
 from .context import RunContext, TrainingError
 from .data import Data
 from .trainable import Trainable
@@ -99,6 +100,8 @@ def lora_weights(ctx: RunContext, base, data: Data, trainable: Trainable, step: 
         training_started_at=ctx.started_at.timestamp(),
         training_finished_at=datetime.now(timezone.utc).timestamp(),
         network_args=network_args,
+        **validation_run_info(config, data.validation.tracker if data.validation else None,
+                              data.validation.images if data.validation else 0),
     )
     info.extra.update(extra_fields)  # ss_multires_noise_iterations, ss_huber_schedule, ... (kohya's names)
     return LoraWeights(tensors=tensors, metadata=make_metadata(info), family=base.family)

@@ -8,7 +8,7 @@ import torch
 
 from ..buckets import BatchPlan
 from ..cache import encode_distribution
-from ..dataset import image_to_tensor, load_image, process_caption, resize_and_crop
+from ..dataset import mask_to_latent, process_caption, training_pixels
 from ..loss import Objective, draw_noise
 from ..seeds import SALT_CAPTION, SALT_CROP, SALT_DROPOUT, SALT_LATENT, SALT_NOISE, draw_seed, sample_generator
 from .base import predict
@@ -27,18 +27,17 @@ def make_sample(ctx: RunContext, base, data: Data, objective: Objective, sample_
     width, height = data.sizes[item_index]
     if data.latent_cache is not None:
         mean, std = data.latent_cache.get(item_index, flip)
+        mask = data.latent_cache.mask(item_index, flip)
         orig_h, orig_w, top, left = data.latent_cache.crop_info(item_index)
-    else:
-        image = load_image(item.image_path)
-        orig_h, orig_w = image.height, image.width
+    else:  # the image and its mask through one crop box and one flip
         rng = np.random.default_rng(draw_seed(config.seed, sample_number, SALT_CROP, 2**31 - 1)) \
             if data.random_crop else None
-        cropped, (top, left) = resize_and_crop(image, width, height, "random" if rng else "center", rng)
-        pixels = image_to_tensor(cropped).unsqueeze(0)
-        if flip:
-            pixels = pixels.flip(-1)
-        mean, std = encode_distribution(base, pixels)
+        pixels = training_pixels(item, width, height, crop="random" if rng else "center", rng=rng, flip=flip,
+                                 masked_loss=config.masked_loss, alpha_mask=config.alpha_mask)
+        (orig_h, orig_w), (top, left) = pixels.original_size, pixels.crop_top_left
+        mean, std = encode_distribution(base, pixels.pixels.unsqueeze(0))
         mean, std = mean[0], std[0]
+        mask = None if pixels.mask is None else mask_to_latent(pixels.mask, tuple(mean.shape[-2:]))
         ctx.stats["vae_calls"] += 1
     # after the flip and before the noise in the sample's stream (flux_shift reads the latent's size)
     timestep = objective.draw_timestep(generator, mean.shape)
@@ -57,7 +56,7 @@ def make_sample(ctx: RunContext, base, data: Data, objective: Objective, sample_
         generator=sample_generator(config.seed, sample_number, SALT_CAPTION),
     )
     return {"latent": latent, "noise": noise, "input_noise": input_noise, "timestep": timestep, "caption": caption,
-            "time_ids": (orig_h, orig_w, top, left, height, width)}
+            "time_ids": (orig_h, orig_w, top, left, height, width), "mask": mask}
 
 
 def micro_step_loss(ctx: RunContext, base, data: Data, trainable: Trainable, objective: Objective, plan: BatchPlan,
@@ -89,5 +88,9 @@ def micro_step_loss(ctx: RunContext, base, data: Data, trainable: Trainable, obj
 
     # predict, and weigh each sample's loss
     prediction = predict(base, trainable.unet, noisy, timesteps, hidden, pooled, time_ids, device, dtype)
-    per = objective.per_sample(prediction, target, timesteps)
+    masks = None  # masked loss: [B, 1, h, w] at latent size; a sample without a mask trains whole
+    if any(s["mask"] is not None for s in samples):
+        masks = torch.stack([s["mask"] if s["mask"] is not None else torch.ones(1, *latents.shape[-2:])
+                             for s in samples]).to(device)
+    per = objective.per_sample(prediction, target, timesteps, masks)
     return (per * torch.tensor(weights, device=per.device)).sum() * ctx.world / len(batch)

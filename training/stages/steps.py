@@ -12,11 +12,13 @@ from ..adapters import apply_max_norm
 from ..buckets import BatchPlan
 from ..loss import Objective
 from ..state import restore_params
+from ..validation import validation_steps
 from . import export
 from .context import RunContext, TrainingError
-from .data import Data
+from .data import Data, text_condition
 from .step import micro_step_loss
 from .trainable import Trainable
+from .validate import Validation, measure
 
 
 @dataclass
@@ -44,23 +46,32 @@ class LoopResult:
     state_path: str | None = None
     checkpoints: list = field(default_factory=list)
     tracker: EarlyStopping = field(default_factory=EarlyStopping)
+    validation: Validation | None = None  # the held-out images' losses and best step
 
     def extra_state(self) -> dict:
         """What a state file keeps of the loop besides the weights."""
         t = self.tracker
-        return {"losses": list(self.losses), "ema": t.ema, "best": t.best, "since_best": t.since_best}
+        extra = {"losses": list(self.losses), "ema": t.ema, "best": t.best, "since_best": t.since_best}
+        if self.validation is not None:
+            extra.update(self.validation.to_state())
+        return extra
 
 
-def resume(ctx: RunContext, base, trainable: Trainable, state: dict | None) -> LoopResult:
-    """Where the loop starts: step 0, or a saved state's step with its weights, optimizer and losses."""
+def resume(ctx: RunContext, base, trainable: Trainable, state: dict | None, validation: Validation | None = None) \
+        -> LoopResult:
+    """Where the loop starts: step 0, or a saved state's step with its weights, optimizer, losses and
+    validation history."""
     if state is None:
-        return LoopResult(step=0)
+        return LoopResult(step=0, validation=validation)
     restore_params(state, trainable.models(ctx, base))
     trainable.optimizer.load_state_dict(state["optimizer"])
     trainable.lr_scheduler.load_state_dict(state["lr_scheduler"])
     extra = state.get("extra", {})
     tracker = EarlyStopping(extra.get("ema"), extra.get("best", math.inf), extra.get("since_best", 0))
-    result = LoopResult(step=int(state["step"]), losses=list(extra.get("losses", [])), tracker=tracker)
+    if validation is not None:
+        validation.restore(extra)
+    result = LoopResult(step=int(state["step"]), losses=list(extra.get("losses", [])), tracker=tracker,
+                        validation=validation)
     ctx.log(f"resumed from {state['path']} at step {result.step}")
     return result
 
@@ -111,11 +122,25 @@ def train_steps(ctx: RunContext, base, data: Data, trainable: Trainable, objecti
     config = ctx.config
     plan = BatchPlan(data.dataset.epoch_indices(), data.sizes if config.enable_bucket else None,
                      config.batch_size * ctx.world, config.seed)
+    validation = run.validation
     ctx.emit({"type": "start", "total": config.steps, "images": data.dataset.num_images,
               "samples": data.dataset.num_samples, "processes": ctx.world, "device": str(ctx.device),
               "precision": ctx.run_device.precision, "precision_note": ctx.run_device.note,
               "start_step": run.step,
-              "losses": list(run.losses)})  # a resumed run's earlier losses, from its state
+              "losses": list(run.losses),  # a resumed run's earlier losses, from its state
+              "validation": [list(p) for p in validation.history] if validation is not None else []})
+
+    def validate(step: int) -> bool:  # True: early stopping on the validation loss says stop
+        if validation is None or validation.measured(step):
+            return False
+        return measure(ctx, base, trainable, objective, validation, step,
+                       lambda captions: text_condition(ctx, base, data, captions),
+                       lambda: export.lora_weights(ctx, base, data, trainable, step, continuation))
+
+    watch_validation = config.early_stopping_metric == "validation"
+    if validation is not None:
+        validation.steps = set(validation_steps(config.steps, config.validate_every_n_steps, run.step))
+        validate(run.step)  # before the first step (or the resumed one)
     if config.sample_every_n_steps and run.step == 0:
         export.sample(ctx, base, trainable, 0)
     for step in range(run.step + 1, config.steps + 1):
@@ -125,7 +150,9 @@ def train_steps(ctx: RunContext, base, data: Data, trainable: Trainable, objecti
         run.losses.append(loss)
         ctx.emit({"type": "step", "step": step, "total": config.steps, "loss": loss,
                   "lr": trainable.optimizer.param_groups[0]["lr"], "elapsed": time.time() - ctx.started})
-        if config.early_stopping_patience:
+        if validation is not None and step in validation.steps and validate(step) and watch_validation:
+            run.early_stopped = True
+        if config.early_stopping_patience and not watch_validation:
             tracker = run.tracker
             tracker.update(loss, config.early_stopping_smoothing, config.early_stopping_min_delta)
             if tracker.since_best >= config.early_stopping_patience:
@@ -145,4 +172,9 @@ def train_steps(ctx: RunContext, base, data: Data, trainable: Trainable, objecti
         if ctx.stop():
             run.stopped = True
             break
+    if validation is not None:  # an early stop or a cancel: the final file's metadata holds its value too
+        validate(run.step)
+        t = validation.tracker
+        if config.keep_best and t.best_step == 0:
+            ctx.log("keep_best: the untrained LoRA (step 0) kept the best validation loss; no _best file written")
     return run
