@@ -10,7 +10,6 @@ import torch
 from PIL import Image
 
 from comfyui_lora_trainer.training import cache as cache_mod
-from comfyui_lora_trainer.training import loop as loop_mod
 from comfyui_lora_trainer.training.base_options import FP8_DTYPE
 from comfyui_lora_trainer.training.config import ConfigError, TrainConfig
 from comfyui_lora_trainer.training.dataset import DatasetError, expand_wildcards, load_dataset, process_caption, \
@@ -43,15 +42,16 @@ def make_folder(root, sub, n, caption=None, color0=0):
 def record_samples(monkeypatch):
     """(sample_number, item_index, caption, is_reg) for every training sample made."""
     seen = []
-    original = loop_mod._Run.make_sample
+    from comfyui_lora_trainer.training.stages import step as step_mod
 
-    def spy(self, sample_number, item_index):
-        out = original(self, sample_number, item_index)
-        seen.append((sample_number, item_index, out["caption"], self.dataset.items[item_index].is_reg,
-                     getattr(self, "current_step", None)))
+    original = step_mod.make_sample
+
+    def spy(ctx, base, data, objective, sample_number, item_index, step):
+        out = original(ctx, base, data, objective, sample_number, item_index, step)
+        seen.append((sample_number, item_index, out["caption"], data.dataset.items[item_index].is_reg, step))
         return out
 
-    monkeypatch.setattr(loop_mod._Run, "make_sample", spy)
+    monkeypatch.setattr(step_mod, "make_sample", spy)
     return seen
 
 

@@ -38,7 +38,7 @@ SIZES = {
     "LoraTrainer_LoadDataset": (300, 130), "PreviewImage": (300, 300), "LoraTrainer_TrainLoRA": (400, 760),
     "LossGraphNode": (300, 300), "CheckpointLoaderSimple": (320, 100), "LoraTrainer_ApplyLoRA": (320, 170),
     "CLIPTextEncode": (400, 200), "EmptyLatentImage": (300, 110), "KSampler": (320, 270), "VAEDecode": (210, 50),
-    "SaveImage": (320, 320), "LoraTrainer_TrainingOptions": (400, 1960), "LoraTrainer_MergeLoRAs": (300, 470),
+    "SaveImage": (320, 320), "LoraTrainer_TrainingOptions": (400, 2200), "LoraTrainer_MergeLoRAs": (300, 470),
     "ImageBatch": (240, 50),
 }
 # Room kept below a node that grows once it has run: Load Dataset adds its report and its preview grid.
