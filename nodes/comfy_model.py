@@ -186,8 +186,17 @@ class TextConditioning:
             return cls(cond.detach().cpu().clone(), keep)
 
 
+# our parameterisation names (ComfyUI's model sampling) -> the loop's (loss.PARAMETERISATIONS)
+PREDICTION_TYPES = {"eps": "epsilon", "v": "v_prediction", "flow": "flow"}
+# our sample samplers (TrainConfig.sample_sampler) -> ComfyUI's KSampler names
+COMFY_SAMPLERS = {"euler": "euler", "euler_a": "euler_ancestral", "ddim": "ddim", "dpm++": "dpmpp_2m"}
+# the distilled guidance Flux.1 dev samples with (ComfyUI's FluxGuidance default)
+SAMPLE_GUIDANCE = {"flux-dev": 3.5}
+
+
 class ComfyBaseModel:
-    """The loop's view of a MODEL (+ CLIP, VAE) from the graph. See the module doc; the methods:
+    """The loop's view of a MODEL (+ CLIP, VAE) from the graph: a ``training.models.hosted.HostedModel``.
+    See the module doc; the methods:
 
     - ``family``, ``label``, ``parameterisation`` ("eps" | "v" | "flow"), ``diffusion_model`` (the module
       the adapters go on, ComfyUI's own, trained in place);
@@ -211,6 +220,10 @@ class ComfyBaseModel:
         self.guidance = self.spec.guidance if guidance is None else float(guidance)
         self.parameterisation = parameterisation_of(self.model_sampling)
         self._checked_output = False
+        self._scheduler = None
+        # HostedModel: the text encoders stay frozen (captions are encoded once), the file names the model
+        self.text_encoders: list = []
+        self.source = f"ComfyUI MODEL ({self.label})"
 
     # -- the model ------------------------------------------------------------------------------------
     @property
@@ -298,6 +311,121 @@ class ComfyBaseModel:
         up_attn = [any(depth[i * per_level:(i + 1) * per_level]) for i in range(levels)] if depth else None
         return (int(layers), up_attn) if up_attn is not None else None
 
+    # -- the training loop's protocol (training/models/hosted.py) -------------------------------------
+    @property
+    def prediction_type(self) -> str:
+        return PREDICTION_TYPES[self.parameterisation]
+
+    @property
+    def unet(self) -> torch.nn.Module:
+        return self.diffusion_model
+
+    @property
+    def noise_scheduler(self):
+        """eps/v models: a DDPM schedule with ComfyUI's own alphas_cumprod (``1 / (1 + sigma^2)``), so the loop
+        noises as the model was trained; None for flow models (loss.Objective draws sigma itself)."""
+        if self.parameterisation == "flow":
+            return None
+        if self._scheduler is None:
+            from diffusers import DDPMScheduler
+
+            sigmas = self.model_sampling.sigmas.detach().double().cpu()
+            alphas_cumprod = 1.0 / (1.0 + sigmas ** 2)
+            previous = torch.cat([torch.ones(1, dtype=torch.float64), alphas_cumprod[:-1]])
+            betas = (1.0 - alphas_cumprod / previous).float()
+            self._scheduler = DDPMScheduler(num_train_timesteps=len(betas), trained_betas=betas.numpy(),
+                                            prediction_type=self.prediction_type)
+        return self._scheduler
+
+    def place(self, device, dtype, gradient_checkpointing: bool) -> None:
+        """The diffusion model on ComfyUI's device for training; ComfyUI's other models (the text encoders and
+        the VAE, which did their work while the caches were built) leave it first."""
+        import comfy.model_management as mm
+
+        mm.unload_all_models()
+        loaded = self.prepare()
+        if torch.device(device).type != loaded.type:
+            raise NodeError(f"the run trains on {device}, but ComfyUI loads this model on {loaded}")
+
+    def adapter_pattern(self, target: str) -> str:
+        return self.spec.pattern(target).pattern
+
+    def latent_fingerprint(self) -> str:
+        from ..training.cache import model_fingerprint
+
+        self._require_vae()
+        return f"{self.family}:{model_fingerprint(self.vae.first_stage_model)}"
+
+    def encode_latents(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(latents, zeros): ComfyUI's VAE encodes to the distribution's mode, so there is no spread to sample."""
+        images = ((pixels.float() + 1.0) / 2.0).clamp(0.0, 1.0).permute(0, 2, 3, 1).contiguous()
+        latents = self.encode_images(images).float()
+        return latents, torch.zeros_like(latents)
+
+    def encode_captions(self, captions: list[str]) -> list:
+        return self.encode_text(captions)
+
+    def predict(self, noisy: torch.Tensor, timesteps: torch.Tensor, conditionings: list) -> torch.Tensor:
+        """The loop's noisy latent -> the model's output. Flow models: ``timesteps`` are the noise levels and the
+        input is already ComfyUI's. eps/v models: DDPM timesteps, and the DDPM input ``x_t`` becomes ComfyUI's
+        ``x0 + sigma * noise`` (``x_t * sqrt(1 + sigma^2)``), which apply_model scales back."""
+        if self.parameterisation == "flow":
+            return self.forward(noisy, timesteps.float(), conditionings)
+        sigma = self.sigmas_of_timesteps(timesteps.cpu()).to(noisy.device, torch.float32)
+        scale = torch.sqrt(1.0 + sigma ** 2).view(-1, *([1] * (noisy.dim() - 1)))
+        return self.forward((noisy.float() * scale).to(noisy.dtype), sigma, conditionings)
+
+    def adapter_tensors(self) -> dict:
+        from ..training.formats.export import export_diffusion_model
+
+        return export_diffusion_model(self.family, self.diffusion_model, structure=self._unet_structure()).tensors
+
+    def sample(self, prompts: list[str], negative_prompt: str, seed: int, steps: int, cfg: float, sampler: str,
+               width: int, height: int) -> list:
+        """Images of ``prompts`` from ComfyUI's own sampler on the model as trained so far (the adapters are in
+        it), as a KSampler with an empty latent would make them, then the VAE's decode."""
+        import comfy.sample
+        from PIL import Image
+
+        from ..training.validation import eval_mode
+
+        self._require_vae()
+        guidance = SAMPLE_GUIDANCE.get(self.family)
+        negative = self._conditioning(negative_prompt or "")
+        images = []
+        with torch.no_grad(), eval_mode(self.diffusion_model):
+            for prompt in prompts:
+                positive = self._conditioning(prompt)
+                if guidance is not None:  # as FluxGuidance sets it on the conditioning
+                    positive = [[c, {**extras, "guidance": guidance}] for c, extras in positive]
+                shape = [1, self.latent_channels] + ([1] if self.latent_dimensions == 3 else []) \
+                    + [max(height // 8, 1), max(width // 8, 1)]
+                latent = torch.zeros(shape)
+                noise = comfy.sample.prepare_noise(latent, seed)
+                out = comfy.sample.sample(
+                    self.patcher, noise, steps, cfg, COMFY_SAMPLERS.get(sampler, "euler"),
+                    "simple" if self.parameterisation == "flow" else "normal", positive, negative, latent,
+                    seed=seed, disable_pbar=True)
+                pixels = self.vae.decode(out)
+                pixels = pixels.reshape(-1, *pixels.shape[-3:])[0]  # [H, W, C] (video VAEs add a frame axis)
+                array = (pixels[..., :3].float().clamp(0, 1) * 255).round().byte().cpu().numpy()
+                images.append(Image.fromarray(array))
+        return images
+
+    def _conditioning(self, prompt: str):
+        tokens = self.clip.tokenize(prompt)
+        return self.clip.encode_from_tokens_scheduled(tokens)
+
+    def release(self) -> None:
+        """The graph's model back as it was loaded: the adapters' layers taken out (the frozen weights were never
+        changed), nothing trainable, eval mode."""
+        from ..training.adapters import remove_adapters
+
+        model = self.diffusion_model
+        remove_adapters(model)
+        model.requires_grad_(False)
+        model.eval()
+
     # -- data -----------------------------------------------------------------------------------------
     def encode_text(self, prompts: list[str]) -> list[TextConditioning]:
         """Each prompt through the graph's CLIP, as CLIPTextEncode does (``tokenize`` then
@@ -315,11 +443,14 @@ class ComfyBaseModel:
         """Latents in the diffusion model's space for IMAGE-layout pixels [B, H, W, C] in [0, 1]: the graph's
         VAE (``VAE.encode``, as VAEEncode) and the model's ``process_latent_in`` (the latent format's shift
         and scale the sampler applies). CPU tensors, outside inference mode."""
-        if self.vae is None:
-            raise NodeError(f"VAE input: training {self.label} needs its VAE (Load Checkpoint's VAE or Load VAE)")
+        self._require_vae()
         latent = self.vae.encode(pixels[..., :3])
         with torch.inference_mode(False):
             return self.base.process_latent_in(latent).detach().cpu().clone()
+
+    def _require_vae(self) -> None:
+        if self.vae is None:
+            raise NodeError(f"VAE input: training {self.label} needs its VAE (Load Checkpoint's VAE or Load VAE)")
 
     def noisy_input(self, x0: torch.Tensor, noise: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
         """The model's own noising (``model_sampling.noise_scaling``): ``sigma*noise + (1-sigma)*x0`` for flow

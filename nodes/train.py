@@ -128,21 +128,28 @@ def preflight(host, config, dataset, memory_limit_gb: float = 0.0):
     return est
 
 
+# the checkpoint list's last entry: train the MODEL input (also what a graph without checkpoint files can pick)
+FROM_MODEL_INPUT = "(model input)"
+
+
 class TrainLoRA(NodeSpec):
-    """Trains a LoRA on an SD1.x/SD2.x/SDXL checkpoint inside ComfyUI's process."""
+    """Trains a LoRA on an SD1.x/SD2.x/SDXL checkpoint, or on the graph's MODEL, inside ComfyUI's process."""
 
     node_id = node_id("TrainLoRA")
     display_name = "Train LoRA (LoRA Trainer)"
     description = (
-        "Trains a LoRA for an SD1.x/SD2.x/SDXL checkpoint on a dataset from Load Dataset and writes it to "
-        "models/loras, with a live loss chart and sample images. Checks memory before it starts. Cancel "
+        "Trains a LoRA for an SD1.x/SD2.x/SDXL checkpoint, or for the model connected to its model input "
+        "(Flux.1, SD3, Chroma, Lumina2, Qwen-Image with their CLIP and VAE), on a dataset from Load Dataset and "
+        "writes it to models/loras, with a live loss chart and sample images. Checks memory before it starts. Cancel "
         "stops within one step and saves <name>_interrupted_stepN plus a resumable state; queue again "
         "with resume on to continue."
     )
     # Order matters: saved workflows store widget values by position. Append new inputs at the end.
     # Inputs named after a TrainConfig key take its range and help from the field (nodes/fields.py).
     inputs = [
-        In("checkpoint", "COMBO", options=lambda host: host.checkpoint_names(), tooltip="base model to train on"),
+        In("checkpoint", "COMBO", options=lambda host: [*host.checkpoint_names(), FROM_MODEL_INPUT],
+           tooltip=f"base model to train on (SD1.x/SD2.x/SDXL file), or {FROM_MODEL_INPUT} to train the model "
+                   "connected to the model input"),
         In("dataset", DATASET),
         config_input("steps"),
         config_input("learning_rate", tooltip=None),
@@ -180,6 +187,11 @@ class TrainLoRA(NodeSpec):
             tooltip="memory budget for the pre-flight check (0: the device's free memory)",
         ),
         In("options", OPTIONS, optional=True, tooltip="more settings from the Training Options node"),
+        In("model", "MODEL", optional=True,
+           tooltip="train the model the graph loaded (Load Checkpoint, Load Diffusion Model; Flux.1, SD3, Chroma, "
+                   "Lumina2, Qwen-Image) instead of the checkpoint file; connect its CLIP and VAE too"),
+        In("clip", "CLIP", optional=True, tooltip="the MODEL's text encoder(s): captions are encoded once with it"),
+        In("vae", "VAE", optional=True, tooltip="the MODEL's VAE: images are encoded once with it"),
     ]
     outputs = [
         Out("lora", LORA, "the trained LoRA, usable by Apply LoRA without loading the file"),
@@ -197,13 +209,21 @@ class TrainLoRA(NodeSpec):
     def build_config(cls, host, checkpoint, dataset, steps, learning_rate, rank, alpha, resolution, batch_size,
                      seed, output_name, precision="bf16", trigger_word="", overwrite=False,
                      gradient_checkpointing=False, sample_every=0, sample_prompt="", save_every=0, resume=False,
-                     options=None):
-        """The run's TrainConfig: the node's inputs, then the Training Options for every other key."""
+                     options=None, model_given=False):
+        """The run's TrainConfig: the node's inputs, then the Training Options for every other key.
+        ``model_given``: the model input is connected and is what trains (no checkpoint file is read)."""
         from ..training.config import ConfigError, TrainConfig
         device = host.torch_device()  # the precision goes to the backend as asked: it says what the device runs
-        checkpoint_path = host.checkpoint_path(checkpoint)
+        if model_given:
+            checkpoint_path = tokenizer = ""
+        elif checkpoint == FROM_MODEL_INPUT:
+            raise NodeError(f"checkpoint = {FROM_MODEL_INPUT}: connect a model to the model input (with its clip "
+                            "and vae), or pick a checkpoint file")
+        else:
+            checkpoint_path = host.checkpoint_path(checkpoint)
+            tokenizer = tokenizer_for_checkpoint(host, checkpoint_path)
         own = dict(
-            checkpoint=checkpoint_path, tokenizer=tokenizer_for_checkpoint(host, checkpoint_path),
+            checkpoint=checkpoint_path, tokenizer=tokenizer,
             dataset=dataset.root, output_dir=host.loras_directory(), output_name=output_name.strip(),
             steps=steps, rank=rank, alpha=float(alpha), learning_rate=float(learning_rate), resolution=resolution,
             batch_size=batch_size, seed=seed, precision=precision, trigger_word=(trigger_word or "").strip(),
@@ -219,7 +239,7 @@ class TrainLoRA(NodeSpec):
             config = TrainConfig.from_dict({**(options or {}), **own}, source="options")  # the node's own win
             if resume:
                 config.resume_from = resume_state(host, config)
-            return config.validate()
+            return config.validate(model_given=model_given)
         except ConfigError as e:
             raise NodeError(str(e)) from None
 
@@ -227,31 +247,35 @@ class TrainLoRA(NodeSpec):
     def execute(cls, host, checkpoint, dataset, steps, learning_rate, rank, alpha, resolution, batch_size, seed,
                 output_name, precision="bf16", trigger_word="", overwrite=False, gradient_checkpointing=False,
                 sample_every=0, sample_prompt="", save_every=0, resume=False, memory_limit_gb=0.0, options=None,
-                node_id=None) -> NodeResult:
+                model=None, clip=None, vae=None, node_id=None) -> NodeResult:
         from ..training.dataset import DatasetError
-        from ..training.loop import train
+        from ..training.loop import TrainingError, train
 
+        # the graph's model, checked (family tested, CLIP and VAE present) before anything runs
+        base = host.base_model(model, clip, vae) if model is not None else None
         config = cls.build_config(
             host, checkpoint, dataset, steps, learning_rate, rank, alpha, resolution, batch_size, seed, output_name,
             precision, trigger_word, overwrite, gradient_checkpointing, sample_every, sample_prompt, save_every,
-            resume, options,
+            resume, options, model_given=base is not None,
         )
         estimate = preflight(host, config, dataset, memory_limit_gb)
         prompt_id, context_node = host.executing()
         reporter = RunReporter(host, config, node_id if node_id is not None else context_node, prompt_id, {
-            "checkpoint": checkpoint, "steps": config.steps, "rank": config.rank, "resolution": config.resolution,
+            "checkpoint": base.source if base is not None else checkpoint, "steps": config.steps, "rank": config.rank, "resolution": config.resolution,
             "batch_size": config.batch_size, "learning_rate": config.learning_rate, "resume": bool(resume),
         })
         reporter.started(estimate)
         try:
-            result = train(config, events=reporter, should_stop=host.interrupted)
-        except (DatasetError, FileExistsError) as e:  # the backend's refusals, in its words
+            result = train(config, base=base, events=reporter, should_stop=host.interrupted)
+        except (DatasetError, FileExistsError, TrainingError) as e:  # the backend's refusals, in its words
             reporter.failed(str(e))
             raise NodeError(str(e)) from None
         except BaseException as e:
             reporter.failed(f"{type(e).__name__}: {e}")
             raise
         finally:
+            if base is not None:  # the graph's model goes back without our adapters
+                base.release()
             host.free_memory()  # give the device back to ComfyUI's other nodes
         file_name = reporter.finished(result)
         if result.stopped_early:

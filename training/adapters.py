@@ -20,6 +20,7 @@ import re
 import torch
 
 from . import devices
+from .models.hosted import is_hosted
 from .seeds import mix
 
 _UNET_ATTENTION = r"attn[12]\.(to_q|to_k|to_v|to_out\.0)"
@@ -57,6 +58,14 @@ def unet_targets(target: str, custom: str = ""):
             return custom
         return [name.strip() for name in custom.split(",") if name.strip()]
     return TARGET_PATTERNS[target]
+
+
+def denoiser_targets(base, config):
+    """peft target modules of the denoiser: a preset's pattern (a hosted model's own for its presets), or the
+    user's ``target_modules``."""
+    if is_hosted(base) and config.target != "custom":
+        return base.adapter_pattern(config.target)
+    return unet_targets(config.target, config.target_modules)
 
 
 def te_targets(target: str) -> str:
@@ -162,7 +171,7 @@ def attach_adapters(base, config, adapter_name: str = "default", adjust=None) ->
     groups = {"unet": [], "text_encoders": []}
     if config.train_unet:
         peft_config = make_peft_config(
-            config.adapter, config.rank, config.alpha, unet_targets(config.target, config.target_modules),
+            config.adapter, config.rank, config.alpha, denoiser_targets(base, config),
             conv_rank=config.conv_rank, conv_alpha=config.conv_alpha, rslora=config.rslora,
             conv=config.target in ("full", "custom"),
         )

@@ -28,6 +28,7 @@ from collections import OrderedDict
 import torch
 
 from .dataset import file_digest, mask_source, mask_to_latent, training_pixels
+from .models.hosted import is_hosted
 
 CACHE_VERSION = "1"  # entries without a mask keep their keys from before masks existed
 MEMORY_LIMIT_BYTES = 2 << 30
@@ -118,6 +119,8 @@ def _read(path: str) -> dict[str, torch.Tensor] | None:
 @torch.no_grad()
 def encode_distribution(base, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Scaled (mean, std) of the VAE's latent distribution for pixels [B,3,H,W] in [-1, 1]."""
+    if is_hosted(base):  # the host's VAE, in the host's way
+        return base.encode_latents(pixels)
     vae = base.vae
     device = next(vae.parameters()).device
     dist = vae.encode(pixels.to(device, vae.dtype)).latent_dist
@@ -142,7 +145,8 @@ class LatentCache:
         self.hits = 0
 
     def build(self, items, sizes: list[tuple[int, int]], device) -> None:
-        vae_fp = model_fingerprint(self.base.vae)
+        hosted = is_hosted(self.base)  # the host places its VAE itself
+        vae_fp = self.base.latent_fingerprint() if hosted else model_fingerprint(self.base.vae)
         on_device = False
         for index, (item, size) in enumerate(zip(items, sizes)):
             key = latent_key(item.image_path, vae_fp, size, "center", self.flip,
@@ -152,7 +156,7 @@ class LatentCache:
             if entry is None and path and os.path.isfile(path):
                 entry = _read(path)
             if entry is None:
-                if not on_device:
+                if not on_device and not hosted:
                     self.base.vae.to(device)
                     on_device = True
                 sample = training_pixels(item, size[0], size[1], masked_loss=self.masked_loss,

@@ -1022,15 +1022,16 @@ class TrainConfig:
         w = float(self.lr_warmup_steps)
         return int(round(w * self.steps)) if 0 < w < 1 else int(w)
 
-    def validate(self) -> "TrainConfig":
+    def validate(self, model_given: bool = False) -> "TrainConfig":
         """Each field against its own rules (``setting``), then the rules between fields; ConfigError names
-        the first key that cannot work and says what to use."""
+        the first key that cannot work and says what to use. ``model_given``: the host passes the model to
+        train (ComfyUI's MODEL input), so no checkpoint file is read."""
 
         def need(cond, key, message):
             if not cond:
                 raise ConfigError(f"{key} = {getattr(self, key)!r}: {message}")
 
-        need(bool(self.checkpoint), "checkpoint", "set it to a .safetensors checkpoint or a diffusers folder")
+        need(model_given or bool(self.checkpoint), "checkpoint", "set it to a .safetensors checkpoint or a diffusers folder")
         need(bool(self.dataset), "dataset", "set it to a folder of images with captions")
         for f in dataclasses.fields(self):
             problem = field_problem(f, getattr(self, f.name))

@@ -65,7 +65,7 @@ class TrainResult:
 
 def train(config: TrainConfig, base=None, events=None, should_stop=None) -> TrainResult:
     """Run one training from ``config``; see the module docstring. Returns the LoRA and its file."""
-    config.validate()
+    config.validate(model_given=base is not None)
     # Hosts such as ComfyUI run nodes under inference_mode; autograd needs it off, and every tensor on
     # the backward path must be created (models loaded, caches built) inside this block.
     with torch.inference_mode(False), torch.enable_grad(), bitsandbytes_hidden_unless(needs_bitsandbytes(config)):

@@ -194,3 +194,63 @@ def load(tiny: TinyModel):
     if patcher is None:
         raise AssertionError(f"ComfyUI did not recognise the tiny {tiny.family} state dict")
     return patcher
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Stand-ins for the graph's CLIP and VAE (the tiny diffusion models read 64-wide text and 16/64-channel latents,
+# which no real text encoder or VAE of ComfyUI's gives at a test's size). They keep ComfyUI's interfaces: CLIP's
+# tokenize / encode_from_tokens_scheduled returning a CONDITIONING, VAE's encode(IMAGE) / decode(latent) and its
+# first_stage_model. Deterministic: the same text or image gives the same tensors.
+# --------------------------------------------------------------------------------------------------------------
+class StandInClip:
+    """Each word a fixed random CONTEXT_DIM vector (seeded by its bytes), the family's extras as its real
+    encoders give them (:func:`text_extras`; the pooled vector is the mean word vector's first POOLED_DIM)."""
+
+    def __init__(self, tiny: TinyModel):
+        self.tiny = tiny
+        self.calls = 0
+
+    def tokenize(self, text):
+        words = text.split() or [""]
+        return {"words": [[(w, 1.0) for w in words]]}
+
+    def _vector(self, word: str) -> torch.Tensor:
+        seed = int.from_bytes(word.encode()[:7].ljust(7, b"\0"), "little") + len(word)
+        return torch.randn(CONTEXT_DIM, generator=torch.Generator().manual_seed(seed))
+
+    def encode_from_tokens_scheduled(self, tokens):
+        self.calls += 1
+        words = [w for w, _ in tokens["words"][0]]
+        cond = torch.stack([self._vector(w) for w in words])[None]
+        extras = text_extras(self.tiny, cond.shape[1], torch.Generator().manual_seed(0))
+        if extras.get("pooled_output") is not None:
+            extras["pooled_output"] = cond.mean(1)[:, :POOLED_DIM].clone()
+        return [[cond, extras]]
+
+
+class StandInVae:
+    """An 8x-downscaling linear 'VAE' with ComfyUI's VAE interface: IMAGE [B, H, W, 3] in [0, 1] -> latents
+    [B, C, H/8, W/8] (a fixed random 3*64 -> C projection of each 8x8 patch; [B, C, 1, h, w] for a 3-D latent
+    format) and back (the pseudo-inverse)."""
+
+    def __init__(self, channels: int, dimensions: int = 2, seed: int = 0):
+        self.first_stage_model = torch.nn.Linear(3 * 64, channels, bias=False)
+        with torch.no_grad():
+            self.first_stage_model.weight.copy_(torch.randn(channels, 3 * 64, generator=torch.Generator().manual_seed(seed)) / 8)
+        self.dimensions = dimensions
+        self.encodes = 0
+
+    def encode(self, pixels):
+        self.encodes += 1
+        b, h, w, _ = pixels.shape
+        patches = pixels[..., :3].float().reshape(b, h // 8, 8, w // 8, 8, 3).permute(0, 1, 3, 2, 4, 5)
+        latent = self.first_stage_model(patches.reshape(b, h // 8, w // 8, 3 * 64)).permute(0, 3, 1, 2)
+        return latent.unsqueeze(2) if self.dimensions == 3 else latent
+
+    def decode(self, latent):
+        if latent.dim() == 5:
+            latent = latent[:, :, 0]
+        b, c, h, w = latent.shape
+        inverse = torch.linalg.pinv(self.first_stage_model.weight.float())
+        patches = (latent.permute(0, 2, 3, 1).float() @ inverse.T).reshape(b, h, w, 8, 8, 3)
+        return patches.permute(0, 1, 3, 2, 4, 5).reshape(b, h * 8, w * 8, 3).clamp(0, 1)

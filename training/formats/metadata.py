@@ -282,3 +282,16 @@ def kohya_extras_metadata(config) -> tuple[dict, dict]:
         fields.update(ss_huber_schedule=config.huber_schedule, ss_huber_c=config.huber_c,
                       ss_huber_scale=config.huber_scale)
     return network_args, fields
+
+
+def flow_metadata(config, guidance: float | None = None) -> dict:
+    """A flow-matching run's timestep options as kohya's flux/sd3/lumina scripts write them (``ss_*``), and the
+    guidance input the model was trained with (Flux.1 dev: ``ss_guidance_scale``)."""
+    fields = {key: getattr(config, name) for key, name in (
+        ("ss_timestep_sampling", "timestep_sampling"), ("ss_sigmoid_scale", "sigmoid_scale"),
+        ("ss_discrete_flow_shift", "discrete_flow_shift"), ("ss_weighting_scheme", "weighting_scheme"),
+        ("ss_logit_mean", "logit_mean"), ("ss_logit_std", "logit_std"), ("ss_mode_scale", "mode_scale"))}
+    fields["ss_model_prediction_type"] = "raw"  # the velocity itself, as kohya's model_prediction_type raw
+    if guidance is not None:
+        fields["ss_guidance_scale"] = guidance
+    return fields

@@ -6,7 +6,7 @@ to the model's output (``predict``), its parameterisation (``prediction_type``, 
 and its schedule, and what turns images and captions into latents and conditionings (``vae``, encoded by
 ``cache.py``; ``encode_prompts``). ``models.load_base_model`` provides it for SD1.x/SD2/SDXL checkpoint files
 (what the CLI and ``accelerate launch`` use); a host that already holds a model passes its own object as
-``train(base=...)``.
+``train(base=...)``: a ``models.hosted.HostedModel``, which does the model-specific work itself.
 """
 
 from __future__ import annotations
@@ -17,7 +17,18 @@ import torch
 
 from .. import devices
 from ..models import load_base_model
-from .context import RunContext
+from ..models.hosted import is_hosted
+from .context import RunContext, TrainingError
+
+# settings of the checkpoint-file path that a model the host holds does not take (yet), and what to do instead
+NOT_FOR_HOSTED = {
+    "train_text_encoder": "the text encoders of a MODEL input stay frozen; train_text_encoder = false",
+    "quantize_base": "the model is trained in the precision the host loaded it in; load it in fp8 with the "
+                     "loader's weight_dtype instead, and quantize_base = none",
+    "fp8_base": "the model is trained in the precision the host loaded it in; load it in fp8 with the "
+                "loader's weight_dtype instead, and fp8_base = false",
+    "torch_compile": "torch_compile = false",
+}
 
 
 class BaseModel(Protocol):
@@ -39,14 +50,28 @@ def load_base(ctx: RunContext, base: BaseModel | None) -> BaseModel:
     ctx.log(f"model family {base.family}, device {devices.describe(ctx.device)}, "
             f"precision {ctx.run_device.precision}, "
             f"processes {ctx.world}, adapter {config.adapter} ({config.target}), optimizer {config.optimizer}")
+    if is_hosted(base):
+        check_hosted_settings(config, base)
     if config.zero_terminal_snr and base.prediction_type != "v_prediction":
         ctx.log("warning: zero_terminal_snr with an epsilon-prediction model; it is meant for v-prediction")
     return base
 
 
 def predict(base: BaseModel, unet, noisy, timesteps, hidden, pooled, time_ids, device, dtype):
-    """The denoiser's output for a batch. SDXL also takes the pooled text embedding and the size/crop ids."""
+    """The denoiser's output for a batch. SDXL also takes the pooled text embedding and the size/crop ids; a
+    hosted model takes its own conditionings (``hidden``: one per sample) and runs its own forward."""
+    if is_hosted(base):
+        return base.predict(noisy, timesteps, hidden)
     added = None
     if base.family == "sdxl":
         added = {"text_embeds": pooled.to(device, dtype), "time_ids": time_ids.to(device, dtype)}
     return unet(noisy, timesteps, hidden.to(device, dtype), added_cond_kwargs=added).sample
+
+
+def check_hosted_settings(config, base) -> None:
+    """A TrainingError naming the first setting a hosted model cannot train with (:data:`NOT_FOR_HOSTED`)."""
+    for key, advice in NOT_FOR_HOSTED.items():
+        value = getattr(config, key)
+        if value and value != "none":
+            raise TrainingError(f"{key} = {value!r} is not available when training the model ComfyUI holds "
+                                f"({base.family}): {advice}")

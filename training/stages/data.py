@@ -11,6 +11,7 @@ from ..buckets import assign_bucket, make_bucket_resolutions
 from ..cache import LatentCache, TextCache
 from ..dataset import Dataset, DatasetError, image_size, with_trigger
 from ..models import encode_prompts
+from ..models.hosted import is_hosted
 from ..validation import load_training_sets
 from .context import RunContext
 from .validate import Validation, build_validation
@@ -127,8 +128,11 @@ def build_caches(ctx: RunContext, base, dataset: Dataset, held_out: Dataset | No
 
 
 def text_condition(ctx: RunContext, base, data: Data, captions: list[str]):
-    """(hidden [B,77,ctx], pooled [B,proj] or None) for captions; cached when the encoders are frozen."""
+    """(hidden [B,77,ctx], pooled [B,proj] or None) for captions; cached when the encoders are frozen. A hosted
+    model's conditionings are its own objects: (a list with one per caption, None)."""
     config = ctx.config
+    if is_hosted(base):
+        return hosted_conditionings(ctx, base, data, captions), None
     if config.train_text_encoder:
         ctx.stats["text_encoder_calls"] += 1
         with ctx.accelerator.autocast():
@@ -154,3 +158,18 @@ def text_condition(ctx: RunContext, base, data: Data, captions: list[str]):
             if data.text_cache is not None:
                 data.text_cache.put(captions[i], h, p)
     return torch.stack(hidden), (torch.stack(pooled) if pooled[0] is not None else None)
+
+
+def hosted_conditionings(ctx: RunContext, base, data: Data, captions: list[str]) -> list:
+    """A hosted model's conditioning per caption, each encoded once while the cache holds it."""
+    out = [data.text_cache.get(caption) if data.text_cache is not None else None for caption in captions]
+    missing = [i for i, entry in enumerate(out) if entry is None]
+    if missing:
+        ctx.stats["text_encoder_calls"] += 1
+        with torch.no_grad():
+            encoded = base.encode_captions([captions[i] for i in missing])
+        for i, conditioning in zip(missing, encoded):
+            out[i] = (conditioning, None)
+            if data.text_cache is not None:
+                data.text_cache.put(captions[i], conditioning, None)
+    return [entry[0] for entry in out]

@@ -10,7 +10,8 @@ from datetime import datetime, timezone
 from typing import Callable
 
 from ..formats import LoraWeights, RunInfo, kohya_state_dict_from_models, make_metadata, save_lora_file
-from ..formats.metadata import kohya_extras_metadata
+from ..formats.metadata import flow_metadata, kohya_extras_metadata
+from ..models.hosted import is_hosted
 from ..sampling import parse_prompt, sample_images
 from ..state import save_state, state_path
 from ..validation import validation_run_info
@@ -25,7 +26,10 @@ def adapter_tensors(ctx: RunContext, base, trainable: Trainable, continuation=No
     unet = ctx.accelerator.unwrap_model(trainable.unet) if config.train_unet else None
     tes = list(base.text_encoders) if config.train_text_encoder else []
     try:
-        tensors = kohya_state_dict_from_models(base.family, unet=unet, text_encoders=tes)
+        if is_hosted(base):  # named by the host model's module paths (formats/names.comfy_unet_name)
+            tensors = base.adapter_tensors()
+        else:
+            tensors = kohya_state_dict_from_models(base.family, unet=unet, text_encoders=tes)
         if continuation is not None:  # the file's diff/diff_b changes, kept as they were
             tensors.update({k: v.clone() for k, v in continuation.passthrough.items()})
         return tensors
@@ -104,6 +108,8 @@ def lora_weights(ctx: RunContext, base, data: Data, trainable: Trainable, step: 
                               data.validation.images if data.validation else 0),
     )
     info.extra.update(extra_fields)  # ss_multires_noise_iterations, ss_huber_schedule, ... (kohya's names)
+    if base.prediction_type == "flow":
+        info.extra.update(flow_metadata(config, getattr(base, "guidance", None)))
     return LoraWeights(tensors=tensors, metadata=make_metadata(info), family=base.family)
 
 
@@ -181,14 +187,23 @@ def sample(ctx: RunContext, base, trainable: Trainable, step: int):
     config = ctx.config
     if not config.sample_prompts or not ctx.is_main:
         return
-    unet = ctx.accelerator.unwrap_model(trainable.unet)
-    images = sample_images(
-        base, unet, list(base.text_encoders), list(config.sample_prompts),
-        negative_prompt=config.sample_negative_prompt, seed=config.sample_seed, steps=config.sample_steps,
-        cfg=config.sample_cfg, sampler=config.sample_sampler,
-        size=config.sample_resolution or config.resolution, device=ctx.device, autocast=ctx.accelerator.autocast,
-        max_token_length=config.max_token_length,
-    )
+    size = config.sample_resolution or config.resolution
+    if is_hosted(base):  # the host's own sampler on the model being trained
+        images = []
+        for line in config.sample_prompts:
+            prompt = parse_prompt(line)
+            images += base.sample(
+                [prompt.prompt], config.sample_negative_prompt if prompt.negative_prompt is None
+                else prompt.negative_prompt, config.sample_seed if prompt.seed is None else prompt.seed,
+                prompt.steps or config.sample_steps, config.sample_cfg if prompt.cfg is None else prompt.cfg,
+                prompt.sampler or config.sample_sampler, prompt.width or size, prompt.height or size)
+    else:
+        images = sample_images(
+            base, ctx.accelerator.unwrap_model(trainable.unet), list(base.text_encoders), list(config.sample_prompts),
+            negative_prompt=config.sample_negative_prompt, seed=config.sample_seed, steps=config.sample_steps,
+            cfg=config.sample_cfg, sampler=config.sample_sampler, size=size, device=ctx.device,
+            autocast=ctx.accelerator.autocast, max_token_length=config.max_token_length,
+        )
     paths = []
     if config.output_dir:
         folder = os.path.join(config.output_dir, f"{config.output_name}_samples")

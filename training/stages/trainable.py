@@ -10,6 +10,7 @@ from diffusers.models.attention_processor import AttnProcessor, AttnProcessor2_0
 
 from ..adapters import attach_adapters, attach_dropout, optimizer_param_groups, quantize_linear_4bit
 from ..base_options import CompileUnavailable, Fp8Unavailable, compile_unet, store_frozen_in_fp8
+from ..models.hosted import is_hosted
 from ..models.loader import move_module
 from ..optim import make_lr_scheduler, make_optimizer
 from .context import RunContext, TrainingError
@@ -43,6 +44,9 @@ class Trainable:
 def place_base(ctx: RunContext, base, data: Data) -> None:
     """The frozen base on the device in the run's precision (text encoders and VAE only where needed)."""
     config, device, weight_dtype = ctx.config, ctx.device, ctx.weight_dtype
+    if is_hosted(base):  # the host loads its model its way; its text encoders and VAE leave the device
+        base.place(device, weight_dtype, config.gradient_checkpointing)
+        return
     unet = base.unet
     if config.quantize_base == "4bit":
         n = quantize_linear_4bit(unet, device, compute_dtype=weight_dtype)
@@ -101,7 +105,7 @@ def attach_trainable(ctx: RunContext, base, continuation=None) -> Trainable:
                                config.optimizer_args, device)
     lr_scheduler = make_lr_scheduler(config.lr_scheduler, optimizer, config.warmup_steps(), config.steps,
                                      config.lr_scheduler_num_cycles, config.lr_scheduler_power)
-    if config.train_unet:
+    if config.train_unet and not is_hosted(base):
         unet, optimizer = ctx.accelerator.prepare(unet, optimizer)
     else:
         optimizer = ctx.accelerator.prepare(optimizer)

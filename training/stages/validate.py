@@ -10,7 +10,9 @@ import torch
 
 from ..dataset import Dataset, with_trigger
 from ..formats import save_lora_file
-from ..validation import (BestTracker, ValidationSample, best_path, build_samples, eval_mode, evaluate,
+from .. import flow
+from ..models.hosted import is_hosted
+from ..validation import (BestTracker, ValidationSample, best_path, build_samples, eval_mode, evaluate, flow_rule,
                           validation_run_info, validation_timesteps)
 from .base import predict
 from .context import RunContext
@@ -61,7 +63,9 @@ def build_validation(ctx: RunContext, base, held_out: Dataset | None, sizes: lis
     if held_out is None or not held_out.items:
         return None
     config = ctx.config
-    base.vae.to(ctx.device)
+    hosted = is_hosted(base)  # the host places its VAE itself
+    if not hosted:
+        base.vae.to(ctx.device)
 
     def condition(item, pixels):
         height, width = pixels.pixels.shape[-2:]
@@ -76,10 +80,13 @@ def build_validation(ctx: RunContext, base, held_out: Dataset | None, sizes: lis
     with torch.no_grad():
         samples = build_samples(held_out.items, sizes, encode, condition, masked_loss=config.masked_loss,
                                 alpha_mask=config.alpha_mask)
-    base.vae.to("cpu")  # place_base puts it back where the run needs it
+    if not hosted:
+        base.vae.to("cpu")  # place_base puts it back where the run needs it
     patience = config.early_stopping_patience if config.early_stopping_metric == "validation" else 0
+    # flow models: the same fixed points on the 1000-step grid, as noise levels t / 1000 (kohya)
     timesteps = validation_timesteps(config.min_timestep, config.max_timestep,
-                                     objective_scheduler.config.num_train_timesteps)
+                                     objective_scheduler.config.num_train_timesteps if objective_scheduler is not None
+                                     else flow.NUM_TRAIN_TIMESTEPS)
     ctx.log(f"validation: {len(samples)} held-out images "
             f"({'validation_dataset ' + config.validation_dataset if config.validation_dataset else 'validation_split'}"
             f"), timesteps {timesteps}, measured before the first step"
@@ -98,14 +105,20 @@ def measure(ctx: RunContext, base, trainable, objective, validation: Validation,
     config, device, dtype = ctx.config, ctx.device, ctx.weight_dtype
     unet = ctx.accelerator.unwrap_model(trainable.unet)
 
+    rule = objective
+    if objective.parameterisation.name == "flow":  # validation timesteps are on the 1000-step grid
+        rule = flow_rule(flow.NUM_TRAIN_TIMESTEPS)
+
     def predict_fn(noisy, t, conds):
+        if rule is not objective:
+            t = t.float() / flow.NUM_TRAIN_TIMESTEPS
         captions, time_ids = zip(*conds)
         hidden, pooled = text_condition(list(captions))
         return predict(base, unet, noisy, t, hidden, pooled, torch.tensor(time_ids, dtype=torch.float32),
                        device, dtype)
 
     with eval_mode(unet, *base.text_encoders), ctx.accelerator.autocast():
-        result = evaluate(predict_fn, validation.samples, validation.timesteps, objective,
+        result = evaluate(predict_fn, validation.samples, validation.timesteps, rule,
                           seed=config.effective_validation_seed, batch_size=config.batch_size, device=device,
                           dtype=dtype)
     improved = validation.tracker.update(step, result.loss)
