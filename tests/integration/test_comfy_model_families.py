@@ -18,6 +18,7 @@ pooled vector for Flux/SD3, ``pooled_output = None`` for Chroma, the token mask 
 from __future__ import annotations
 
 import logging
+import os
 import re
 import sys
 from pathlib import Path
@@ -111,7 +112,7 @@ def _flow_loss(provider, x0, noise, sigma, conds):
     return (loss_weighting(sigma, "none") * per_sample).mean()
 
 
-def _train_loop(provider, tmp_path, steps=STEPS, **settings):
+def _train_loop(provider, tmp_path, steps=STEPS, events=None, should_stop=None, **settings):
     """The real training loop (training/loop.py) on the provider, as Train LoRA runs it with a MODEL input: the
     bundled sample dataset through the stand-in CLIP and VAE, 64 px, every adapter target of the family, the
     whole dataset as the validation set (fixed timesteps and noise: a loss that only falls when the model
@@ -125,7 +126,7 @@ def _train_loop(provider, tmp_path, steps=STEPS, **settings):
                   validate_every_n_steps=steps, timestep_sampling="sigmoid")
     values.update(settings)
     with torch.inference_mode():  # as ComfyUI runs nodes
-        return train(TrainConfig(**values), base=provider)
+        return train(TrainConfig(**values), base=provider, events=events, should_stop=should_stop)
 
 
 @pytest.fixture(scope="module")
@@ -308,3 +309,73 @@ def test_encode_text_keeps_what_the_model_reads(comfy_lib):
     with torch.no_grad():
         out = provider.forward(provider.noisy_input(x0, noise, sigma), sigma, [a, b])
     assert out.shape == x0.shape and torch.isfinite(out).all()
+
+
+NO_VALIDATION = dict(validation_dataset="", validate_every_n_steps=0)
+
+
+@pytest.mark.parametrize("family", ["flux-dev", "qwen-image"])
+def test_cancel_and_resume_equal_an_uninterrupted_run_bitwise(comfy_lib, family, tmp_path):
+    """Cancel after step 3 (the node's should_stop), then a run resumed from the state it left, on a fresh load
+    of the model: the same file and losses, to the bit, as 6 uninterrupted steps (CPU)."""
+    import comfy_tiny
+    from safetensors.torch import load_file
+
+    tiny = comfy_tiny.BUILDERS[family]()
+    common = dict(steps=6, save_state_on_stop=True, **NO_VALIDATION)
+
+    def run(folder, **settings):
+        provider = _provider(tiny, stand_ins=True)
+        try:
+            return _train_loop(provider, tmp_path / folder, **common, **settings)
+        finally:
+            provider.release()
+
+    whole = run("whole")
+    steps = []
+    cut = run("cut", events=lambda e: steps.append(e["step"]) if e["type"] == "step" else None,
+              should_stop=lambda: len(steps) >= 3)
+    assert cut.stopped_early and cut.steps_done == 3 and cut.state_path and "_interrupted_step3" in cut.path
+    resumed = run("cut", resume_from=cut.state_path)
+    assert resumed.steps_done == 6 and resumed.losses == whole.losses
+    a, b = load_file(whole.path), load_file(resumed.path)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert not all(torch.equal(a[k], load_file(cut.path)[k]) for k in a)  # steps 4-6 changed the weights
+
+
+def test_samples_come_from_comfyuis_sampler_on_the_model_being_trained(comfy_lib, tmp_path, monkeypatch):
+    """sample_every_n_steps draws with ComfyUI's own sampler (comfy.sample.sample on the MODEL, the VAE's
+    decode), at the size a prompt asks for, and the trained adapters change what it draws."""
+    import comfy.sample
+    import comfy_tiny
+    import numpy as np
+
+    calls = []
+    real = comfy.sample.sample
+    monkeypatch.setattr(comfy.sample, "sample", lambda model, *a, **k: calls.append(model) or real(model, *a, **k))
+    provider = _provider(comfy_tiny.BUILDERS["flux-dev"](), stand_ins=True)
+    samples = []
+    try:
+        _train_loop(provider, tmp_path, steps=6, sample_every_n_steps=6, sample_steps=2,
+                    sample_prompts=["red circle --w 96 --h 64"], learning_rate=5e-2,
+                    events=lambda e: samples.append(e) if e["type"] == "sample" else None, **NO_VALIDATION)
+    finally:
+        provider.release()
+    assert [e["step"] for e in samples] == [0, 6] and calls and all(m is provider.patcher for m in calls)
+    first, last = samples[0]["images"][0], samples[1]["images"][0]
+    assert first.size == last.size == (96, 64)
+    assert np.abs(np.asarray(first, dtype=float) - np.asarray(last, dtype=float)).max() > 0
+    assert all(os.path.isfile(p) for e in samples for p in e["paths"])
+
+
+@pytest.mark.parametrize("setting", [{"train_text_encoder": True}, {"quantize_base": "4bit"}])
+def test_settings_the_model_input_cannot_take_are_refused_by_name(comfy_lib, tmp_path, setting):
+    import comfy_tiny
+
+    from comfyui_lora_trainer.training.loop import TrainingError
+
+    provider = _provider(comfy_tiny.BUILDERS["sd3"](), stand_ins=True)
+    key = next(iter(setting))
+    with pytest.raises(TrainingError, match=key):
+        _train_loop(provider, tmp_path, **setting, **NO_VALIDATION)
+    provider.release()
