@@ -87,7 +87,7 @@ FAMILIES: dict[str, Family] = {f.id: f for f in (
 
 # families whose tiny models pass tests/integration/test_comfy_model_families.py (load, targets, forward, a
 # training step that lowers the loss, a written file ComfyUI loads with every key and the same outputs)
-TESTED = ("flux-dev", "flux-schnell", "sd3", "chroma", "lumina2", "qwen-image")
+TESTED = ("sd1", "flux-dev", "flux-schnell", "sd3", "chroma", "lumina2", "qwen-image")
 
 # ComfyUI's model config class (comfy/supported_models.py) -> family; SD3's variants by their MMDiT shape
 _CONFIG_FAMILY = {"SD15": "sd1", "SD20": "sd2", "SD21UnclipL": None, "SDXL": "sdxl", "SD3": "sd3",
@@ -305,7 +305,9 @@ class ComfyBaseModel:
         config = self.base.model_config.unet_config
         layers = config.get("num_res_blocks", [2])
         layers = layers[0] if isinstance(layers, (list, tuple)) else layers
-        depth = config.get("transformer_depth_output") or []
+        # ComfyUI's UNetModel pops transformer_depth_output from the end as it builds output_blocks 0, 1, ...
+        # (the deepest level first, as diffusers' up_blocks): read it reversed
+        depth = list(reversed(config.get("transformer_depth_output") or []))
         levels = len(config.get("channel_mult", ()))
         per_level = int(layers) + 1
         up_attn = [any(depth[i * per_level:(i + 1) * per_level]) for i in range(levels)] if depth else None
@@ -348,7 +350,8 @@ class ComfyBaseModel:
             raise NodeError(f"the run trains on {device}, but ComfyUI loads this model on {loaded}")
 
     def adapter_pattern(self, target: str) -> str:
-        return self.spec.pattern(target).pattern
+        # peft full-matches a string pattern against the module path; the family's patterns are searched
+        return f".*(?:{self.spec.pattern(target).pattern})"
 
     def latent_fingerprint(self) -> str:
         from ..training.cache import model_fingerprint

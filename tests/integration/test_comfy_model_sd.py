@@ -1,0 +1,94 @@
+"""SD1.x through Train LoRA's model input (in-process, real ComfyUI): a random full-shape SD1.5 checkpoint loaded
+by ComfyUI's own ``load_checkpoint_guess_config`` gives the MODEL, the real CLIP (ComfyUI's SD1 tokenizer and
+text encoder) and the real VAE; the training loop trains ComfyUI's UNet in place (epsilon objective on the DDPM
+schedule of ComfyUI's own model_sampling) and the file loads back through ComfyUI's LoRA loader with every key
+and the trained model's outputs. Random weights, 64 px, 4 steps: a minute on a CPU."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+
+
+class _Collect(logging.Handler):
+    def __init__(self):
+        super().__init__(logging.WARNING)
+        self.messages = []
+
+    def emit(self, record):
+        self.messages.append(record.getMessage())
+
+
+@pytest.fixture(scope="module")
+def sd15_file(tmp_path_factory):
+    from comfyui_lora_trainer.training.models import build_components, write_checkpoint
+
+    path = tmp_path_factory.mktemp("sd15") / "random-sd15.safetensors"
+    write_checkpoint(build_components("sd1", seed=0), path)
+    yield str(path)
+    path.unlink()
+
+
+def _load(comfy_lib, path):
+    with torch.inference_mode():  # as the Load Checkpoint node runs
+        return comfy_lib.sd.load_checkpoint_guess_config(path, output_vae=True, output_clip=True)[:3]
+
+
+def test_sd15_model_input_trains_in_place_and_round_trips(comfy_lib, sd15_file, tmp_path):
+    from comfyui_lora_trainer.nodes.host import ComfyHost
+    from comfyui_lora_trainer.training.config import TrainConfig
+    from comfyui_lora_trainer.training.loop import train
+
+    model, clip, vae = _load(comfy_lib, sd15_file)
+    provider = ComfyHost().base_model(model, clip, vae)
+    targets = provider.adapter_targets("attention")  # the q, k, v, out projections of every transformer block
+    assert provider.family == "sd1" and provider.prediction_type == "epsilon"
+    unet_modules = {id(m) for m in provider.diffusion_model.modules()}
+    unet_numel = sum(p.numel() for p in provider.diffusion_model.parameters())
+    config = TrainConfig(dataset=str(__import__("pathlib").Path(__file__).resolve().parents[2] / "training" /
+                                     "sample_dataset"), output_dir=str(tmp_path), output_name="sd15_model_input",
+                         steps=4, rank=4, alpha=4.0, learning_rate=1e-3, resolution=64, batch_size=1, seed=0,
+                         device="cpu", precision="fp32", target="attention")
+    with torch.inference_mode():
+        result = train(config, base=provider)
+    assert result.steps_done == 4 and all(l == l for l in result.losses)
+    # trained in place: ComfyUI's own UNet modules, their weights once (frozen), the adapters beside them
+    assert unet_modules <= {id(m) for m in provider.diffusion_model.modules()}
+    frozen = [p for p in provider.diffusion_model.parameters() if not p.requires_grad]
+    assert sum(p.numel() for p in frozen) == unet_numel
+
+    lora, metadata = comfy_lib.utils.load_torch_file(result.path, safe_load=True, return_metadata=True)
+    modules = {k.split(".")[0] for k in lora}
+    assert modules == {provider.lora_name(t) for t in targets} and len(targets) % 8 == 0
+    assert "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q" in modules  # kohya's SD1 names
+    assert metadata["ss_base_model_version"] == "sd_v1"
+    assert metadata["modelspec.architecture"] == "stable-diffusion-v1/lora"
+
+    # the same inputs through the trained model and through a fresh load patched by ComfyUI's LoRA loader
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(1, 4, 8, 8, generator=g)
+    sigma = torch.tensor([2.0])
+    cond = provider.encode_text(["red circle"])
+    with torch.no_grad():
+        trained = provider.forward(x, sigma, cond)
+    provider.release()
+
+    fresh_model, fresh_clip, _ = _load(comfy_lib, sd15_file)
+    collect = _Collect()
+    logging.getLogger().addHandler(collect)
+    try:
+        patched, _ = comfy_lib.sd.load_lora_for_models(fresh_model, fresh_clip, lora, 1.0, 1.0)
+    finally:
+        logging.getLogger().removeHandler(collect)
+    assert not [m for m in collect.messages if "lora key not loaded" in m or "NOT LOADED" in m]
+    assert len(patched.patches) == len(modules)
+    comfy_provider = ComfyHost().base_model(patched, fresh_clip, None)
+    comfy_provider.prepare()
+    with torch.no_grad():
+        loaded = comfy_provider.forward(x, sigma, cond)
+        plain = ComfyHost().base_model(model, clip, vae).forward(x, sigma, cond)  # the released model: as loaded
+    diff = float((trained - loaded).abs().max())
+    assert diff < 1e-5, diff
+    assert float((trained - plain).abs().max()) > 100 * max(diff, 1e-7)
