@@ -160,3 +160,30 @@ def test_swap_of_zero_blocks_changes_nothing():
     swap = BlockSwap(model.layers, 0, "cpu").attach()
     assert all("forward" not in b.__dict__ for b in model.layers)
     swap.detach()
+
+
+def test_flux_counts_blocks_as_kohya_does():
+    from comfyui_lora_trainer.training.block_swap import max_blocks_to_swap, swap_selection
+
+    flux = [("double_blocks", 19), ("single_blocks", 38)]
+    picked = swap_selection(flux, 16)  # kohya: 8 double + 16 single blocks
+    assert picked == list(range(11, 19)) + list(range(57 - 16, 57))
+    assert max_blocks_to_swap(flux) == 38 and len(swap_selection(flux, 38)) == 57
+    with pytest.raises(ValueError, match="at most 38"):
+        swap_selection(flux, 39)
+    assert swap_selection([("joint_blocks", 24)], 3) == [21, 22, 23]
+    lumina = [("context_refiner", 2), ("noise_refiner", 2), ("layers", 26)]
+    assert swap_selection(lumina, 4) == [26, 27, 28, 29] and max_blocks_to_swap(lumina) == 30
+
+
+def test_a_run_with_a_non_contiguous_selection_equals_the_plain_one():
+    """Flux's selection is two runs of blocks (the last double blocks, the last single blocks)."""
+    reference = build(depth=5)
+    ref_losses = train(reference, steps=3)
+    model = build(depth=5)
+    plan = plan_swap(5, [1, 3, 4])
+    peak, copies, _ = simulate(plan)
+    assert peak <= 2 and copies == 5
+    with BlockSwap(model.layers, [1, 3, 4], "cpu", debug=True) as swap:
+        losses = train(model, steps=3, between=lambda: _no_swapped_weights_left(swap))
+    assert_same(reference, model, ref_losses, losses)

@@ -62,21 +62,27 @@ class SwapPlan:
         return block in self.swapped
 
 
-def plan_swap(count: int, blocks_to_swap: int) -> SwapPlan:
-    """The copy schedule for ``count`` blocks run in order, the last ``blocks_to_swap`` of them swapped.
+def plan_swap(count: int, blocks_to_swap) -> SwapPlan:
+    """The copy schedule for ``count`` blocks run in order. ``blocks_to_swap``: N (the last N blocks, as kohya
+    swaps them), or the block indices to swap (:func:`swap_selection`: Flux's double and single blocks).
 
-    Forward: block i fetches itself and prefetches block i+1 (if swapped), and releases itself after its
-    forward, except the last block, whose backward comes next. Backward (blocks in reverse order): block i
-    releases block i+1 (its backward is complete once block i's output gradient exists), fetches itself and
-    prefetches block i-1. At most two swapped blocks are on the device at any time."""
-    if not isinstance(blocks_to_swap, int) or blocks_to_swap < 0:
+    Forward: block i fetches itself (if swapped) and prefetches block i+1 (if swapped), and releases itself
+    after its forward, except the last block, whose backward comes next. Backward (blocks in reverse order):
+    block i releases block i+1 (its backward is complete once block i's output gradient exists), fetches
+    itself and prefetches block i-1. At most two swapped blocks are on the device at any time."""
+    if isinstance(blocks_to_swap, bool) or (isinstance(blocks_to_swap, int) and blocks_to_swap < 0) or \
+            not isinstance(blocks_to_swap, (int, list, tuple, set, frozenset, range)):
         raise ValueError(f"blocks_to_swap = {blocks_to_swap!r}: use a whole number of at least 0")
-    if blocks_to_swap > count:
-        raise ValueError(f"blocks_to_swap = {blocks_to_swap}: this model has {count} transformer blocks; "
-                         f"use at most {count}")
-    swapped = tuple(range(count - blocks_to_swap, count))
+    if isinstance(blocks_to_swap, int):
+        if blocks_to_swap > count:
+            raise ValueError(f"blocks_to_swap = {blocks_to_swap}: this model has {count} transformer blocks; "
+                             f"use at most {count}")
+        blocks_to_swap = range(count - blocks_to_swap, count)
+    swapped = tuple(sorted(set(blocks_to_swap)))
+    if swapped and not (0 <= swapped[0] and swapped[-1] < count):
+        raise ValueError(f"blocks_to_swap: block indices {swapped} outside 0..{count - 1}")
     on = set(swapped)
-    last = count - 1 if blocks_to_swap else None
+    last = count - 1 if count - 1 in on else None
     forward = tuple(
         SwapStep(block=i, fetch=i if i in on else None, prefetch=i + 1 if i + 1 in on else None,
                  release=(i,) if i in on and i != last else ())
@@ -88,6 +94,36 @@ def plan_swap(count: int, blocks_to_swap: int) -> SwapPlan:
         for i in reversed(range(count))
     )
     return SwapPlan(count, swapped, forward, backward, last)
+
+
+def swap_selection(lists: list[tuple[str, int]], blocks_to_swap: int) -> list[int]:
+    """Which blocks of a model's flat block list (``[(attribute, count)]`` in execution order, as
+    ``dit_blocks.block_lists`` gives them) ``blocks_to_swap`` = N swaps, as kohya counts N: with Flux's
+    ``double_blocks`` + ``single_blocks`` (a double block holds about twice a single's weights) the last
+    N // 2 double blocks and the last (N - N // 2) * 2 single blocks (sd-scripts ``flux_models.py``
+    ``enable_block_swap``; up to 35 on Flux.1); otherwise the last N blocks."""
+    names = [name for name, _ in lists]
+    total = sum(n for _, n in lists)
+    if isinstance(blocks_to_swap, bool) or not isinstance(blocks_to_swap, int) or blocks_to_swap < 0:
+        raise ValueError(f"blocks_to_swap = {blocks_to_swap!r}: use a whole number of at least 0")
+    if names == ["double_blocks", "single_blocks"]:
+        doubles, singles = lists[0][1], lists[1][1]
+        d, s = blocks_to_swap // 2, (blocks_to_swap - blocks_to_swap // 2) * 2
+        if d > doubles or s > singles:
+            raise ValueError(f"blocks_to_swap = {blocks_to_swap}: this model has {doubles} double and {singles} "
+                             f"single blocks; use at most {max_blocks_to_swap(lists)}")
+        return list(range(doubles - d, doubles)) + list(range(total - s, total))
+    if blocks_to_swap > total:
+        raise ValueError(f"blocks_to_swap = {blocks_to_swap}: this model has {total} transformer blocks; "
+                         f"use at most {total}")
+    return list(range(total - blocks_to_swap, total))
+
+
+def max_blocks_to_swap(lists: list[tuple[str, int]]) -> int:
+    """The largest N :func:`swap_selection` accepts for these block lists."""
+    if [name for name, _ in lists] == ["double_blocks", "single_blocks"]:
+        return min(2 * lists[0][1] + 1, 2 * (lists[1][1] // 2))  # N // 2 <= doubles, ceil(N / 2) * 2 <= singles
+    return sum(n for _, n in lists)
 
 
 # -- the runtime ---------------------------------------------------------------------------------------
@@ -112,7 +148,9 @@ class _SavedWeight:
 class BlockSwap:
     """Runs ``plan_swap`` on a list of blocks. Use :meth:`attach` and :meth:`detach` (or ``with``)."""
 
-    def __init__(self, blocks, blocks_to_swap: int, device, *, debug: bool = False):
+    def __init__(self, blocks, blocks_to_swap, device, *, debug: bool = False):
+        """``blocks``: every transformer block in execution order; ``blocks_to_swap``: N (the last N) or the
+        indices to swap (:func:`swap_selection`)."""
         self.blocks = list(blocks)
         self.plan = plan_swap(len(self.blocks), blocks_to_swap)
         self.device = torch.device(device)

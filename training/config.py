@@ -829,8 +829,8 @@ class TrainConfig:
         "while they run (0: off; auto: the fewest that fit the free memory)",
         doc=(
             "block swap (kohya's `--blocks_to_swap`) for the DiT families (SD3/SD3.5, Flux.1, Chroma, Lumina2, "
-            "Z-Image, Qwen-Image): the frozen weights of the last N transformer blocks (in the order the model runs "
-            "them; Flux: 19 double then 38 single blocks) stay in pinned CPU memory and are copied to the GPU "
+            "Z-Image, Qwen-Image): the frozen weights of the last N transformer blocks (counted as kohya counts them: "
+            "on Flux.1 and Chroma the last N/2 double and N single blocks, up to 38) stay in pinned CPU memory and are copied to the GPU "
             "before each block's forward and backward, the next block's copy overlapped on a second CUDA stream. "
             "Same result, slower steps; best with `gradient_checkpointing`. `auto`: the smallest N with which the "
             "memory estimate fits the free memory (`training/block_swap.py`)"
