@@ -420,10 +420,13 @@ def dit_shape_from_shapes(shapes: dict[str, tuple], family: str, weight_bytes: f
 
 def dit_shape_from_model(diffusion_model, family: str) -> DitShape:
     """From the loaded model itself (ComfyUI's ``model.diffusion_model``): names, shapes, and the bytes per
-    frozen weight as they are held (fp8 1, bf16 2)."""
+    frozen weight as they are held (fp8 1, bf16 2). With adapters attached (the base frozen), the trained
+    parameters are left out: the LoRA term counts them; a model not yet frozen is counted whole."""
     shapes, frozen_bytes, frozen = {}, 0, 0
-    for name, p in diffusion_model.named_parameters():
-        if p.requires_grad:  # adapters already attached: trained, counted by the LoRA term
+    params = list(diffusion_model.named_parameters())
+    some_frozen = any(not p.requires_grad for _, p in params)
+    for name, p in params:
+        if p.requires_grad and some_frozen:
             continue
         shapes[name.replace(".base_layer.", ".")] = tuple(p.shape)  # peft's wrapped Linear
         frozen_bytes += p.numel() * p.element_size()

@@ -187,3 +187,10 @@ def test_a_run_with_a_non_contiguous_selection_equals_the_plain_one():
     with BlockSwap(model.layers, [1, 3, 4], "cpu", debug=True) as swap:
         losses = train(model, steps=3, between=lambda: _no_swapped_weights_left(swap))
     assert_same(reference, model, ref_losses, losses)
+
+
+def test_swap_refuses_a_model_whose_base_is_not_frozen():
+    from dit_stack import Stack
+
+    with pytest.raises(ValueError, match="freeze the base model"):
+        BlockSwap(Stack().layers, 1, "cpu").attach()

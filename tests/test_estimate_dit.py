@@ -153,3 +153,9 @@ def test_the_gpu_check_runs_tiny_on_the_cpu():
     assert plain.parts["weights"] == shape.params * 4  # as held: fp32 here
     # three swapped blocks, two of them (the largest: a double and a single) counted in flight
     assert plain.parts["weights"] - swapped.parts["weights"] == 4 * shape.blocks[4][1]
+
+
+def test_shapes_of_a_model_not_yet_frozen_count_every_weight():
+    model = flux_shaped.FluxShaped(h=64, heads=2, doubles=1, singles=2, context=32)
+    shape = est.dit_shape_from_model(model, "flux-dev")
+    assert shape.params == sum(p.numel() for p in model.parameters()) and shape.weight_bytes == 4

@@ -173,6 +173,11 @@ class BlockSwap:
         if self._attached or not self.plan.swapped:
             return self
         for i in self.plan.swapped:
+            if not any(not p.requires_grad for p in self.blocks[i].parameters()) and \
+                    any(True for _ in self.blocks[i].parameters()):
+                raise ValueError(f"block swap: every weight of block {i} ({type(self.blocks[i]).__name__}) requires "
+                                 "grad; freeze the base model (requires_grad_(False)) before attaching")
+        for i in self.plan.swapped:
             self.weights[i] = self._hold(self.blocks[i])
             self._release(i)
         for i, block in enumerate(self.blocks):
