@@ -528,7 +528,10 @@ def _dit_suggestions(model: DitShape, s: Settings, free_bytes, device_type, devi
         if swap != s.blocks_to_swap:
             changed = replace(changed, blocks_to_swap=swap)
             texts.append(f"blocks_to_swap {swap}")
-            cost += 8 + swap / 100  # block swap: slower steps, the more blocks the slower
+            # block swap: slower steps, the more bytes copied per step the slower (fp8 weights copy half)
+            sizes = [n for _, n in model.blocks]
+            copied = sum(sizes[i] for i in model.swapped(swap)) * (1 if changed.fp8_base else model.weight_bytes)
+            cost += 8 + 8 * copied / (2 * model.params)
         if not texts:
             continue
         e = estimate(model, changed, free_bytes, device_type, device_name, cpu_count, suggest=False)
