@@ -19,6 +19,8 @@ costs a setting change; a crash an hour in costs the hour.
 
 from __future__ import annotations
 
+import os
+import re
 from dataclasses import asdict, dataclass, field, replace
 
 from ..training.devices import shares_system_memory
@@ -73,6 +75,9 @@ class Settings:
     gradient_checkpointing: bool = False
     gradient_accumulation_steps: int = 1
     steps: int = 1
+    fp8_base: bool = False  # frozen weights in float8 (1 byte each), whatever they were loaded in
+    optimizer: str = "adamw"  # adamw8bit: 8-bit moments (2 bytes per LoRA parameter instead of 8)
+    blocks_to_swap: int = 0  # DiT families: kohya's count (training/block_swap.py swap_selection)
 
 
 @dataclass
@@ -184,8 +189,12 @@ def estimate(
     memory_note: str = "",
 ) -> Estimate:
     s = settings
+    if isinstance(model, DitShape):
+        return _estimate_dit(model, settings, free_bytes, device_type, device_name, cpu_count, suggest, memory_note)
     gpu = device_type != "cpu"
     weight_bytes = BYTES["fp32"] if device_type == "cpu" else BYTES.get(s.precision, 4)
+    if s.fp8_base:
+        weight_bytes = 1
     act_bytes = 4 if (s.precision == "fp32" or device_type == "cpu") else 2
     ref_side, act_plain, act_ckpt = ACTIVATIONS.get(model.family, ACTIVATIONS["sd1"])
     pixels = (s.resolution / ref_side) ** 2
@@ -194,7 +203,7 @@ def estimate(
     lora = model.lora_params(s.rank)
     parts = {
         "unet_weights": model.unet_params * weight_bytes,
-        "lora_params_grads_adam": lora * 16,
+        "lora_params_grads_adam": lora * lora_bytes_per_param(s.optimizer),
         "activations": int(per_sample * s.batch_size),
         "context": CONTEXT_BYTES if gpu else 0,
     }
@@ -243,6 +252,8 @@ def estimate(
 
 def suggestions(model, settings: Settings, free_bytes, device_type, device_name="", cpu_count=4) -> list[str]:
     """Setting changes that lower the peak, each with the peak it gives; those that fit come first."""
+    if isinstance(model, DitShape):
+        return _dit_suggestions(model, settings, free_bytes, device_type, device_name, cpu_count)
     s = settings
     options: list[tuple[str, Settings]] = []
     if s.batch_size > 1:
@@ -288,3 +299,508 @@ def refusal_message(est: Estimate) -> str:
     if est.memory_note:
         lines.append(f"  ({est.memory_note})")
     return "\n".join(lines)
+
+
+# -- DiT families (SD3/SD3.5, Flux.1, Chroma, Lumina2, Z-Image, Qwen-Image) --------------------------------
+# The model ComfyUI loaded is measured from its own tensors (``dit_shape_from_model``; or from the names and
+# shapes of a state dict, ``dit_shape_from_shapes``): the parameters of every transformer block, the rest, the
+# hidden size and the LoRA targets. Text encoders and the VAE are off the GPU during the steps (conditionings
+# and latents are computed once, then they are offloaded), so they do not count; ComfyUI streams them in
+# partially while caching if memory is short.
+#
+# Activations: bytes that autograd keeps per token, per hidden unit, per block, for a bf16 forward with
+# memory-efficient attention. The figure follows Korthikanti et al. 2022 ("Reducing Activation Recomputation in
+# Large Transformer Models", §4.1: 34 bytes per token per hidden unit per layer in 16 bit, 5·a·s/h more
+# without flash attention), less the three dropout masks (none here), plus the adaLN modulation (the
+# normalised input and the gated output are saved: +4) and LoRA's rank-sized intermediates (negligible): a
+# Flux double block or an MMDiT/Qwen block runs one such layer per token (36); Flux's single block has the
+# parallel attention+MLP, whose concatenated 5h input of linear2 is saved too (40); the Lumina/Z-Image block's
+# SwiGLU feed-forward saves w1 and w3 outputs and their product (48 with a 4h feed-forward, 44 for Z-Image's
+# 8/3 h). With per-block checkpointing only each block's inputs are kept (2 bytes per token per hidden unit
+# per residual stream) plus one block's recomputation and its backward (RECOMPUTE_WORKSPACE x its
+# activations). The figures are checked against kohya's published Flux.1 tiers (sd-scripts
+# docs/flux_train_network.md, "Recommended Settings by GPU Memory": fp8 base, checkpointing, batch 1, 1024 px:
+# 24 GB fits batch 2; 16 GB with block swap; 12 GB with 16 blocks swapped and 8-bit AdamW; 8 GB with 28) in
+# tests/test_estimate_dit.py, and measured on a GPU by tests/test_gpu_flux_memory.py.
+DIT_ACTIVATION_BYTES = {  # block list -> saved bytes per token per hidden unit (bf16, no checkpointing)
+    "double_blocks": 36, "single_blocks": 40, "joint_blocks": 36, "transformer_blocks": 36,
+    "layers": 48, "noise_refiner": 48, "context_refiner": 48, "siglip_refiner": 48,
+}
+RECOMPUTE_WORKSPACE = 1.25  # the recomputed block's activations plus its activation gradients (x of them)
+# text tokens in a training caption's conditioning (kohya's defaults: Flux t5xxl_max_token_length 512 for dev,
+# 256 for schnell; SD3 CLIP 77 + T5 256; Lumina2 Gemma 256; Z-Image and Qwen-Image: LLM captions, ~512)
+TEXT_TOKENS = {"flux-dev": 512, "flux-schnell": 256, "chroma": 512, "sd3": 333, "sd3.5-medium": 333,
+               "sd3.5-large": 333, "lumina2": 256, "z-image": 512, "qwen-image": 512}
+# No margin on top: the model as it stands reproduces kohya's measured Flux.1 tiers within ~2 % (README
+# "Memory"), and a margin would refuse their 12 GB recipe on a 12 GB card, where theirs runs.
+DIT_MARGIN = 1.0
+SWAP_IN_FLIGHT = 2  # swapped blocks on the device at once (training/block_swap.py plan_swap)
+PCIE_BYTES_PER_S = 20e9  # host->device copies of swapped blocks (PCIe 4.0 x16, pinned), overlapped with compute
+_BLOCK_KEY = re.compile(r"^(double_blocks|single_blocks|joint_blocks|layers|noise_refiner|context_refiner|"
+                        r"siglip_refiner|transformer_blocks)\.(\d+)\.")
+_DIT_PREFIXES = ("model.diffusion_model.", "diffusion_model.")
+
+
+def lora_bytes_per_param(optimizer: str) -> int:
+    """A trained LoRA parameter: fp32 value + fp32 gradient + the optimizer's state (AdamW two fp32 moments;
+    bitsandbytes' 8-bit AdamW one byte each)."""
+    return 4 + 4 + (2 if optimizer == "adamw8bit" else 8)
+
+
+@dataclass
+class DitShape:
+    """What the estimate needs to know about a DiT: parameters per transformer block (execution order), the
+    rest, hidden size, LoRA targets, and the bytes per weight as loaded (bf16 2, fp8 1)."""
+
+    family: str
+    hidden: int
+    blocks: list[tuple[str, int]]  # (block list, parameters) per block
+    other_params: int
+    lora_modules: list[tuple[int, int]] = field(default_factory=list)  # (in, out) of each block Linear
+    weight_bytes: float = 2.0
+
+    @property
+    def params(self) -> int:
+        return self.other_params + sum(n for _, n in self.blocks)
+
+    def lora_params(self, rank: int) -> int:
+        return sum(rank * (i + o) for i, o in self.lora_modules)
+
+    def block_lists(self) -> list[tuple[str, int]]:
+        lists: list[tuple[str, int]] = []
+        for name, _ in self.blocks:
+            if lists and lists[-1][0] == name:
+                lists[-1] = (name, lists[-1][1] + 1)
+            else:
+                lists.append((name, 1))
+        return lists
+
+    def max_blocks_to_swap(self) -> int:
+        from ..training.block_swap import max_blocks_to_swap
+
+        return max_blocks_to_swap(self.block_lists())
+
+    def swapped(self, blocks_to_swap: int) -> list[int]:
+        from ..training.block_swap import swap_selection
+
+        return swap_selection(self.block_lists(), blocks_to_swap)
+
+
+def dit_shape_from_shapes(shapes: dict[str, tuple], family: str, weight_bytes: float = 2.0) -> DitShape:
+    """``shapes``: tensor name -> shape of a DiT's state dict (ComfyUI's names, with or without the
+    ``model.diffusion_model.`` prefix). Blocks are counted in the order of their lists (BLOCK_LISTS)."""
+    from ..training.dit_blocks import BLOCK_LISTS, FAMILY_ARCHITECTURE
+
+    order = BLOCK_LISTS[FAMILY_ARCHITECTURE[family]]
+    per_block: dict[tuple[str, int], int] = {}
+    other, lora, widths = 0, [], {}
+    for key, shape in shapes.items():
+        for prefix in _DIT_PREFIXES:
+            if key.startswith(prefix):
+                key = key[len(prefix):]
+                break
+        n = 1
+        for d in shape:
+            n *= int(d)
+        match = _BLOCK_KEY.match(key)
+        if match and match.group(1) in order:
+            block = (match.group(1), int(match.group(2)))
+            per_block[block] = per_block.get(block, 0) + n
+            if key.endswith(".weight") and len(shape) == 2:
+                lora.append((int(shape[1]), int(shape[0])))
+                widths[int(shape[1])] = widths.get(int(shape[1]), 0) + 1
+        else:
+            other += n
+    if not per_block:
+        raise ValueError(f"{family}: no transformer blocks ({', '.join(order)}) among the tensor names")
+    blocks = [(name, per_block[(name, i)]) for name, i in sorted(per_block, key=lambda b: (order.index(b[0]), b[1]))]
+    hidden = max(widths, key=widths.get)  # the width most block Linears read
+    return DitShape(family, hidden, blocks, other, lora, weight_bytes)
+
+
+def dit_shape_from_model(diffusion_model, family: str) -> DitShape:
+    """From the loaded model itself (ComfyUI's ``model.diffusion_model``): names, shapes, and the bytes per
+    frozen weight as they are held (fp8 1, bf16 2). With adapters attached (the base frozen), the trained
+    parameters are left out: the LoRA term counts them; a model not yet frozen is counted whole."""
+    shapes, frozen_bytes, frozen = {}, 0, 0
+    params = list(diffusion_model.named_parameters())
+    some_frozen = any(not p.requires_grad for _, p in params)
+    for name, p in params:
+        if p.requires_grad and some_frozen:
+            continue
+        shapes[name.replace(".base_layer.", ".")] = tuple(p.shape)  # peft's wrapped Linear
+        frozen_bytes += p.numel() * p.element_size()
+        frozen += p.numel()
+    return dit_shape_from_shapes(shapes, family, frozen_bytes / frozen if frozen else 2.0)
+
+
+def _dit_activations(model: DitShape, s: Settings, act_bytes: int) -> int:
+    tokens = (s.resolution // 16) ** 2 + TEXT_TOKENS.get(model.family, 512)  # 2x2 patches of the /8 latent
+    unit = tokens * model.hidden * act_bytes / 2  # one byte-per-hidden-unit at this precision
+    per_block = [DIT_ACTIVATION_BYTES[name] * unit for name, _ in model.blocks]
+    if not s.gradient_checkpointing:
+        return int(sum(per_block) * s.batch_size)
+    inputs = len(model.blocks) * 2 * unit  # each block's input hidden states, kept for its recomputation
+    return int((inputs + max(per_block) * RECOMPUTE_WORKSPACE) * s.batch_size)
+
+
+def _estimate_dit(model: DitShape, s: Settings, free_bytes, device_type, device_name, cpu_count, suggest,
+                  memory_note) -> Estimate:
+    gpu = device_type != "cpu"
+    act_bytes = 4 if (s.precision == "fp32" or not gpu) else 2
+    weight_bytes = 1 if s.fp8_base else model.weight_bytes
+    swapped = set(model.swapped(s.blocks_to_swap)) if s.blocks_to_swap else set()
+    sizes = [n for _, n in model.blocks]
+    in_flight = sum(sorted((sizes[i] for i in swapped), reverse=True)[:SWAP_IN_FLIGHT])
+    resident = model.other_params + sum(n for i, n in enumerate(sizes) if i not in swapped) + in_flight
+    parts = {
+        "weights": int(resident * weight_bytes),
+        "lora_params_grads_optimizer": model.lora_params(s.rank) * lora_bytes_per_param(s.optimizer),
+        "activations": _dit_activations(model, s, act_bytes),
+        "context": CONTEXT_BYTES if gpu else 0,
+    }
+    if weight_bytes != act_bytes:
+        # ComfyUI casts each frozen weight to the compute dtype for its op, and autograd keeps the cast copy for
+        # the input gradient: every block's without checkpointing, one recomputed block's with it
+        cast = max(sizes) if s.gradient_checkpointing else sum(sizes)
+        parts["weights_cast_for_compute"] = int(cast * act_bytes)
+    peak = int(sum(parts.values()) * DIT_MARGIN)
+
+    tokens = (s.resolution // 16) ** 2 + TEXT_TOKENS.get(model.family, 512)
+    block_params = sum(sizes)
+    fwd = 2 * block_params * tokens + 4 * tokens * tokens * model.hidden * len(sizes)  # linears + attention
+    step_flops = fwd * TRAIN_STEP_FACTOR * (CHECKPOINTING_FACTOR if s.gradient_checkpointing else 1.0)
+    step_flops *= s.batch_size * s.gradient_accumulation_steps
+    peak_tflops = device_tflops(device_type, device_name, cpu_count)
+    if peak_tflops and device_type == "cuda" and s.precision == "fp32":
+        peak_tflops /= 8
+    seconds = None
+    if peak_tflops:
+        seconds = step_flops / (peak_tflops * 1e12 * (MFU if gpu else 1.0))
+        if swapped and gpu:  # two visits per swapped block; the copies overlap the compute, the excess waits
+            copy = 2 * sum(sizes[i] for i in swapped) * weight_bytes * s.gradient_accumulation_steps / PCIE_BYTES_PER_S
+            seconds = max(seconds, copy)
+        seconds += STEP_OVERHEAD.get(device_type, 0.0) * s.gradient_accumulation_steps
+    fits = free_bytes is None or peak <= free_bytes
+    result = Estimate(
+        peak_bytes=peak, parts=parts, phase="training", seconds_per_step=seconds,
+        total_seconds=seconds * s.steps if seconds is not None else None, free_bytes=free_bytes, fits=fits,
+        suggestions=[], device=device_name or device_type, memory_note=memory_note,
+    )
+    if suggest and not fits:
+        result.suggestions = _dit_suggestions(model, s, free_bytes, device_type, device_name, cpu_count)
+    return result
+
+
+def pick_blocks_to_swap(model: DitShape, settings: Settings, free_bytes: int, device_type: str = "cuda") -> int | None:
+    """``blocks_to_swap = "auto"``: the fewest blocks whose swap makes the estimate fit ``free_bytes`` (0 when
+    it fits as it is); None when even the most the model allows does not."""
+    for n in range(model.max_blocks_to_swap() + 1):
+        if estimate(model, replace(settings, blocks_to_swap=n), free_bytes, device_type, suggest=False).fits:
+            return n
+    return None
+
+
+# changes to a DiT run, cheapest first: what each costs in speed or result (none, a little, ~1.5x, copies)
+_DIT_CHANGES = (
+    ("optimizer", "adamw8bit", "optimizer adamw8bit"),
+    ("fp8_base", True, "fp8_base on"),
+    ("gradient_checkpointing", True, "gradient_checkpointing on"),
+)
+
+
+def _dit_suggestions(model: DitShape, s: Settings, free_bytes, device_type, device_name="", cpu_count=4) -> list[str]:
+    """The smallest changes that fit, cheapest first ("gradient_checkpointing on + blocks_to_swap 16 +
+    optimizer adamw8bit"), each with its peak; then, if none fits, what comes closest."""
+    gib = lambda b: f"~{b / GiB:.1f} GiB"  # noqa: E731
+    available = [c for c in _DIT_CHANGES if getattr(s, c[0]) != c[1] and
+                 not (c[0] == "fp8_base" and model.weight_bytes <= 1)]
+    rows = []
+    for mask in range(1 << len(available)):
+        chosen = [c for i, c in enumerate(available) if mask >> i & 1]
+        changed = replace(s, **{key: value for key, value, _ in chosen})
+        cost = sum(1 << i for i, c in enumerate(_DIT_CHANGES) if c in chosen)
+        swap = s.blocks_to_swap
+        if free_bytes is not None:
+            picked = pick_blocks_to_swap(model, changed, free_bytes, device_type) if device_type != "cpu" else None
+            swap = max(swap, picked) if picked is not None else model.max_blocks_to_swap()
+        texts = [text for _, _, text in chosen]
+        if swap != s.blocks_to_swap:
+            changed = replace(changed, blocks_to_swap=swap)
+            texts.append(f"blocks_to_swap {swap}")
+            # block swap: slower steps, the more bytes copied per step the slower (fp8 weights copy half)
+            sizes = [n for _, n in model.blocks]
+            copied = sum(sizes[i] for i in model.swapped(swap)) * (1 if changed.fp8_base else model.weight_bytes)
+            cost += 8 + 8 * copied / (2 * model.params)
+        if not texts:
+            continue
+        e = estimate(model, changed, free_bytes, device_type, device_name, cpu_count, suggest=False)
+        rows.append((not e.fits, cost if e.fits else e.peak_bytes, " + ".join(texts) + f": {gib(e.peak_bytes)}"
+                     + (" (fits)" if e.fits else "")))
+    if s.batch_size > 1:
+        changed = replace(s, batch_size=1)
+        e = estimate(model, changed, free_bytes, device_type, device_name, cpu_count, suggest=False)
+        rows.append((not e.fits, 100 if e.fits else e.peak_bytes,
+                     f"batch_size {s.batch_size} -> 1 (raise gradient_accumulation_steps to keep the effective batch)"
+                     f": {gib(e.peak_bytes)}" + (" (fits)" if e.fits else "")))
+    rows.sort(key=lambda r: (r[0], r[1]))
+    fitting = [r[2] for r in rows if not r[0]]
+    return fitting[:3] if fitting else [r[2] for r in rows[:3]] + [
+        f"resolution {s.resolution} -> {s.resolution * 3 // 4 // 64 * 64} with the above"]
+
+
+# -- reference shapes: the published architectures, for the README table (no checkpoint needed) ------------
+def _linear(shapes: dict, name: str, out: int, inp: int, bias: bool = True) -> None:
+    shapes[f"{name}.weight"] = (out, inp)
+    if bias:
+        shapes[f"{name}.bias"] = (out,)
+
+
+def _flux_shapes(chroma: bool = False, guidance: bool = True, h: int = 3072, doubles: int = 19, singles: int = 38,
+                 head: int = 128) -> dict:
+    """comfy/ldm/flux/layers.py DoubleStreamBlock / SingleStreamBlock (mlp_ratio 4), model.py; Chroma without the
+    per-block modulation, with its distilled guidance approximator (chroma/model.py)."""
+    sd: dict = {}
+    for i in range(doubles):
+        for s in ("img", "txt"):
+            p = f"double_blocks.{i}.{s}"
+            if not chroma:
+                _linear(sd, f"{p}_mod.lin", 6 * h, h)
+            _linear(sd, f"{p}_attn.qkv", 3 * h, h)
+            _linear(sd, f"{p}_attn.proj", h, h)
+            _linear(sd, f"{p}_mlp.0", 4 * h, h)
+            _linear(sd, f"{p}_mlp.2", h, 4 * h)
+            sd[f"{p}_attn.norm.query_norm.scale"] = sd[f"{p}_attn.norm.key_norm.scale"] = (head,)
+    for i in range(singles):
+        p = f"single_blocks.{i}"
+        _linear(sd, f"{p}.linear1", 7 * h, h)
+        _linear(sd, f"{p}.linear2", h, 5 * h)
+        if not chroma:
+            _linear(sd, f"{p}.modulation.lin", 3 * h, h)
+        sd[f"{p}.norm.query_norm.scale"] = sd[f"{p}.norm.key_norm.scale"] = (head,)
+    _linear(sd, "img_in", h, 64)
+    _linear(sd, "txt_in", h, 4096)
+    _linear(sd, "final_layer.linear", 64, h)
+    if chroma:
+        _linear(sd, "distilled_guidance_layer.in_proj", 5120, 64)
+        for j in range(5):
+            _linear(sd, f"distilled_guidance_layer.layers.{j}.in_layer", 5120, 5120)
+            _linear(sd, f"distilled_guidance_layer.layers.{j}.out_layer", 5120, 5120)
+        _linear(sd, "distilled_guidance_layer.out_proj", h, 5120)
+    else:
+        _linear(sd, "final_layer.adaLN_modulation.1", 2 * h, h)
+        for emb, width in (("time_in", 256), ("vector_in", 768)) + ((("guidance_in", 256),) if guidance else ()):
+            _linear(sd, f"{emb}.in_layer", h, width)
+            _linear(sd, f"{emb}.out_layer", h, h)
+    return sd
+
+
+def _mmdit_shapes(depth: int, pos_embed_max: int, self_attn_layers: int = 0) -> dict:
+    """comfy/ldm/modules/diffusionmodules/mmdit.py: hidden 64·depth, the last context block pre-only; MMDiT-X
+    (SD3.5 Medium) adds a second self-attention to the first ``self_attn_layers`` x blocks."""
+    h = 64 * depth
+    sd: dict = {}
+    for i in range(depth):
+        for s in ("x_block", "context_block"):
+            p = f"joint_blocks.{i}.{s}"
+            pre_only = s == "context_block" and i == depth - 1
+            dual = s == "x_block" and i < self_attn_layers
+            _linear(sd, f"{p}.adaLN_modulation.1", (2 if pre_only else 9 if dual else 6) * h, h)
+            _linear(sd, f"{p}.attn.qkv", 3 * h, h)
+            if not pre_only:
+                _linear(sd, f"{p}.attn.proj", h, h)
+                _linear(sd, f"{p}.mlp.fc1", 4 * h, h)
+                _linear(sd, f"{p}.mlp.fc2", h, 4 * h)
+            if dual:
+                _linear(sd, f"{p}.attn2.qkv", 3 * h, h)
+                _linear(sd, f"{p}.attn2.proj", h, h)
+    sd["pos_embed"] = (1, pos_embed_max * pos_embed_max, h)
+    sd["x_embedder.proj.weight"] = (h, 16, 2, 2)
+    _linear(sd, "context_embedder", h, 4096)
+    _linear(sd, "y_embedder.mlp.0", h, 2048)
+    _linear(sd, "y_embedder.mlp.2", h, h)
+    _linear(sd, "t_embedder.mlp.0", h, 256)
+    _linear(sd, "t_embedder.mlp.2", h, h)
+    _linear(sd, "final_layer.linear", 64, h)
+    _linear(sd, "final_layer.adaLN_modulation.1", 2 * h, h)
+    return sd
+
+
+def _nextdit_shapes(h: int, layers: int, kv_heads: int, heads: int, ffn: int, mod_in: int, cap: int) -> dict:
+    """comfy/ldm/lumina/model.py JointTransformerBlock (qkv with grouped kv heads, SwiGLU w1/w2/w3), two
+    noise refiners (modulated) and two context refiners."""
+    sd: dict = {}
+    kv = h // heads * kv_heads
+    for name, count, modulated in (("context_refiner", 2, False), ("noise_refiner", 2, True), ("layers", layers, True)):
+        for i in range(count):
+            p = f"{name}.{i}"
+            _linear(sd, f"{p}.attention.qkv", h + 2 * kv, h, bias=False)
+            _linear(sd, f"{p}.attention.out", h, h, bias=False)
+            _linear(sd, f"{p}.feed_forward.w1", ffn, h, bias=False)
+            _linear(sd, f"{p}.feed_forward.w2", h, ffn, bias=False)
+            _linear(sd, f"{p}.feed_forward.w3", ffn, h, bias=False)
+            for norm in ("attention_norm1", "attention_norm2", "ffn_norm1", "ffn_norm2"):
+                sd[f"{p}.{norm}.weight"] = (h,)
+            if modulated:
+                _linear(sd, f"{p}.adaLN_modulation.1", 4 * h, mod_in)
+    _linear(sd, "x_embedder", h, 64)
+    _linear(sd, "cap_embedder.1", h, cap)
+    _linear(sd, "t_embedder.mlp.0", mod_in, 256)
+    _linear(sd, "t_embedder.mlp.2", mod_in, mod_in)
+    _linear(sd, "final_layer.linear", 64, h)
+    _linear(sd, "final_layer.adaLN_modulation.1", h, mod_in)
+    return sd
+
+
+def _qwen_image_shapes(h: int = 3072, depth: int = 60) -> dict:
+    """comfy/ldm/qwen_image/model.py QwenImageTransformerBlock (joint attention, two 4h GELU MLPs, 6h
+    modulations), Qwen2.5-VL 3584-wide text input."""
+    sd: dict = {}
+    for i in range(depth):
+        p = f"transformer_blocks.{i}"
+        for s in ("img", "txt"):
+            _linear(sd, f"{p}.{s}_mod.1", 6 * h, h)
+            _linear(sd, f"{p}.{s}_mlp.net.0.proj", 4 * h, h)
+            _linear(sd, f"{p}.{s}_mlp.net.2", h, 4 * h)
+        for name in ("to_q", "to_k", "to_v", "add_q_proj", "add_k_proj", "add_v_proj", "to_out.0", "to_add_out"):
+            _linear(sd, f"{p}.attn.{name}", h, h)
+    _linear(sd, "img_in", h, 64)
+    sd["txt_norm.weight"] = (3584,)
+    _linear(sd, "txt_in", h, 3584)
+    _linear(sd, "time_text_embed.timestep_embedder.linear_1", h, 256)
+    _linear(sd, "time_text_embed.timestep_embedder.linear_2", h, h)
+    _linear(sd, "norm_out.linear", 2 * h, h)
+    _linear(sd, "proj_out", 64, h)
+    return sd
+
+
+REFERENCE_DIT_SHAPES = {  # family -> the published architecture's tensor shapes (ComfyUI's names)
+    "flux-dev": lambda: _flux_shapes(),
+    "flux-schnell": lambda: _flux_shapes(guidance=False),
+    "chroma": lambda: _flux_shapes(chroma=True),
+    "sd3": lambda: _mmdit_shapes(24, 192),
+    "sd3.5-medium": lambda: _mmdit_shapes(24, 384, self_attn_layers=13),
+    "sd3.5-large": lambda: _mmdit_shapes(38, 192),
+    "lumina2": lambda: _nextdit_shapes(2304, 26, kv_heads=8, heads=24, ffn=9216, mod_in=1024, cap=2304),
+    "z-image": lambda: _nextdit_shapes(3840, 30, kv_heads=30, heads=30, ffn=10240, mod_in=256, cap=2560),
+    "qwen-image": lambda: _qwen_image_shapes(),
+}
+# SD families as the existing estimate models them (tests/test_nodes_ui.py: the SDXL base checkpoint's counts)
+REFERENCE_SD_SHAPES = {
+    "sdxl": lambda: ModelShape("sdxl", unet_params=2_567_463_684, text_encoder_params=817_000_000,
+                               vae_params=83_653_863, model_channels=320,
+                               attention_modules=[(1280, 1280)] * 560 + [(2048, 1280)] * 140),
+}
+
+
+def reference_shape(family: str, weight_bytes: float = 2.0):
+    """The published architecture of ``family`` as the estimate sees it (bf16 weights unless told)."""
+    if family in REFERENCE_SD_SHAPES:
+        return REFERENCE_SD_SHAPES[family]()
+    return dit_shape_from_shapes(REFERENCE_DIT_SHAPES[family](), family, weight_bytes)
+
+
+# -- the README's memory table (generated: it cannot drift from the estimate) ------------------------------
+README = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "README.md")
+TABLE_BEGIN = "<!-- BEGIN memory table: generated by `python -m comfyui_lora_trainer.nodes.estimate` -->"
+TABLE_END = "<!-- END memory table -->"
+TABLE_FAMILIES = (("sdxl", "SDXL"), ("sd3.5-medium", "SD3.5 Medium"), ("sd3.5-large", "SD3.5 Large"),
+                  ("flux-dev", "Flux.1 dev"), ("chroma", "Chroma"), ("lumina2", "Lumina Image 2.0"),
+                  ("z-image", "Z-Image"), ("qwen-image", "Qwen-Image"))
+TABLE_COLUMNS = (  # (heading, settings changed from bf16 / batch 1 / rank 16 / 1024 px / AdamW)
+    ("bf16 weights", {}),
+    ("fp8 weights", dict(fp8_base=True)),
+    ("fp8 + checkpointing", dict(fp8_base=True, gradient_checkpointing=True)),
+    ("... + adamw8bit", dict(fp8_base=True, gradient_checkpointing=True, optimizer="adamw8bit")),
+    ("... + blocks_to_swap 16", dict(fp8_base=True, gradient_checkpointing=True, optimizer="adamw8bit",
+                                     blocks_to_swap=16)),
+    ("... + blocks_to_swap 28", dict(fp8_base=True, gradient_checkpointing=True, optimizer="adamw8bit",
+                                     blocks_to_swap=28)),
+)
+# kohya sd-scripts docs/flux_train_network.md, "Recommended Settings by GPU Memory" (Flux.1, fp8 base,
+# gradient checkpointing, cached text encoder outputs and latents); None: "use --blocks_to_swap" without N
+KOHYA_FLUX_TIERS = (
+    (24, "basic settings (batch size 2)", dict(batch_size=2)),
+    (16, "batch size 1 + `--blocks_to_swap`", dict(blocks_to_swap=None)),
+    (12, "`--blocks_to_swap 16` + 8-bit AdamW", dict(blocks_to_swap=16, optimizer="adamw8bit")),
+    (10, "`--blocks_to_swap 22` + 8-bit AdamW", dict(blocks_to_swap=22, optimizer="adamw8bit")),
+    (8, "`--blocks_to_swap 28` + 8-bit AdamW", dict(blocks_to_swap=28, optimizer="adamw8bit")),
+)
+TABLE_BASE = Settings(resolution=1024, batch_size=1, rank=16, precision="bf16")
+
+
+def _table_peak(model, changes: dict) -> str:
+    swap = changes.get("blocks_to_swap", 0)
+    if swap and (not isinstance(model, DitShape) or swap > model.max_blocks_to_swap()):
+        return "-"
+    return f"{estimate(model, replace(TABLE_BASE, **changes), None, 'cuda').peak_bytes / GiB:.1f}"
+
+
+def memory_table() -> str:
+    """The README's tables: estimated peaks (GiB) per family and setting, and kohya's Flux.1 tiers beside
+    ours."""
+    lines = [
+        "| model (1024 px, batch 1, LoRA rank 16, all block Linears) | params | "
+        + " | ".join(h for h, _ in TABLE_COLUMNS) + " |",
+        "|---|---|" + "---|" * len(TABLE_COLUMNS),
+    ]
+    for family, label in TABLE_FAMILIES:
+        model = reference_shape(family)
+        params = model.unet_params if isinstance(model, ModelShape) else model.params
+        lines.append(f"| {label} | {params / 1e9:.1f} B | "
+                     + " | ".join(_table_peak(model, c) for _, c in TABLE_COLUMNS) + " |")
+    flux = reference_shape("flux-dev")
+    lines += ["", "| GPU (kohya's tier) | kohya's settings for Flux.1 LoRA | our estimate, same settings |",
+              "|---|---|---|"]
+    base = dict(fp8_base=True, gradient_checkpointing=True)
+    for gb, text, changes in KOHYA_FLUX_TIERS:
+        settings = replace(TABLE_BASE, **base, **{k: v for k, v in changes.items() if v is not None})
+        if "blocks_to_swap" in changes and changes["blocks_to_swap"] is None:
+            n = pick_blocks_to_swap(flux, settings, gb * 10**9)
+            settings = replace(settings, blocks_to_swap=n or 0)
+            text += f" (the fewest that fit: {n})"
+        peak = estimate(flux, settings, None, "cuda").peak_bytes
+        verdict = "fits" if peak <= gb * 10**9 else "does not fit"
+        lines.append(f"| {gb} GB ({gb * 10**9 / GiB:.1f} GiB) | {text} | {peak / GiB:.1f} GiB: {verdict} |")
+    return "\n".join(lines)
+
+
+def generated_block() -> str:
+    return f"{TABLE_BEGIN}\n{memory_table()}\n{TABLE_END}"
+
+
+def current_block(text: str) -> str | None:
+    start, end = text.find(TABLE_BEGIN), text.find(TABLE_END)
+    return text[start:end + len(TABLE_END)] if start >= 0 and end > start else None
+
+
+def main(argv=None) -> int:
+    """Refresh the README's memory table (``--check``: only report whether it is up to date)."""
+    import argparse
+
+    parser = argparse.ArgumentParser(description=main.__doc__)
+    parser.add_argument("--check", action="store_true")
+    parser.add_argument("--path", default=README)
+    args = parser.parse_args(argv)
+    with open(args.path, encoding="utf-8") as f:
+        text = f.read()
+    current = current_block(text)
+    if current is None:
+        print(f"{args.path}: no memory table markers ({TABLE_BEGIN})")
+        return 1
+    if current == generated_block():
+        print(f"{args.path}: memory table up to date")
+        return 0
+    if args.check:
+        print(f"{args.path}: memory table out of date; run python -m comfyui_lora_trainer.nodes.estimate")
+        return 1
+    tmp = args.path + ".tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(text.replace(current, generated_block()))
+    os.replace(tmp, args.path)
+    print(f"{args.path}: updated")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -45,6 +45,12 @@ def is_device_name(name) -> bool:
     """Whether ``name`` is a valid ``device`` setting: one of DEVICES, or cuda:N / xpu:N."""
     return name in DEVICES or is_indexed_device(name)
 EARLY_STOPPING_METRICS = ("train", "validation")
+SWAP_CHOICES = ("auto", 0)  # blocks_to_swap besides other counts; auto: picked by the estimate (nodes/estimate.py)
+
+
+def is_block_count(value) -> bool:
+    """A ``blocks_to_swap`` count: a whole number >= 0 (0: off)."""
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
 
 
 _RESERVED_NAMES = {"con", "prn", "aux", "nul"} | {f"{p}{i}" for p in ("com", "lpt") for i in range(1, 10)}
@@ -816,6 +822,21 @@ class TrainConfig:
             "C++ compiler for the CPU)"
         ),
         group="adapter",
+    )
+    blocks_to_swap: int | str = setting(
+        0,
+        "DiT families: keep the weights of the last N transformer blocks in CPU memory, copied to the GPU only "
+        "while they run (0: off; auto: the fewest that fit the free memory)",
+        doc=(
+            "block swap (kohya's `--blocks_to_swap`) for the DiT families (SD3/SD3.5, Flux.1, Chroma, Lumina2, "
+            "Z-Image, Qwen-Image): the frozen weights of the last N transformer blocks (counted as kohya counts them: "
+            "on Flux.1 and Chroma the last N/2 double and N single blocks, up to 38) stay in pinned CPU memory and are copied to the GPU "
+            "before each block's forward and backward, the next block's copy overlapped on a second CUDA stream. "
+            "Same result, slower steps; best with `gradient_checkpointing`. `auto`: the smallest N with which the "
+            "memory estimate fits the free memory (`training/block_swap.py`)"
+        ),
+        group="optimisation", choices=SWAP_CHOICES, also=(is_block_count, "another whole number of blocks"),
+        advice="0: off",
     )
     save_every_n_steps: int = setting(
         0,
