@@ -85,6 +85,9 @@ FAMILIES: dict[str, Family] = {f.id: f for f in (
            _QWEN_BLOCK + r"(img|txt)_mlp\.net\.(0\.proj|2)$", _QWEN_BLOCK + r"(img|txt)_mod\.1$"),
 )}
 
+# the transformer families (training/dit_blocks.py knows their blocks); the others are UNets
+DIT_FAMILIES = tuple(f for f in FAMILIES if f not in ("sd1", "sd2", "sd2-v", "sdxl"))
+
 # families whose tiny models pass tests/integration/test_comfy_model_families.py (load, targets, forward, a
 # training step that lowers the loss, a written file ComfyUI loads with every key and the same outputs)
 TESTED = ("sd1", "flux-dev", "flux-schnell", "sd3", "chroma", "lumina2", "qwen-image")
@@ -221,6 +224,7 @@ class ComfyBaseModel:
         self.parameterisation = parameterisation_of(self.model_sampling)
         self._checked_output = False
         self._scheduler = None
+        self._undo: list = []  # what release() takes off the model (block swap, checkpointing), in order
         # HostedModel: the text encoders stay frozen (captions are encoded once), the file names the model
         self.text_encoders: list = []
         self.source = f"ComfyUI MODEL ({self.label})"
@@ -344,10 +348,49 @@ class ComfyBaseModel:
         the VAE, which did their work while the caches were built) leave it first."""
         import comfy.model_management as mm
 
+        from ..training.dit_blocks import checkpoint_blocks
+
         mm.unload_all_models()
         loaded = self.prepare()
         if torch.device(device).type != loaded.type:
             raise NodeError(f"the run trains on {device}, but ComfyUI loads this model on {loaded}")
+        if gradient_checkpointing:  # per block: each recomputes its forward in the backward pass
+            self._undo.append(checkpoint_blocks(self._blocks()).remove)
+
+    def swap_blocks(self, blocks_to_swap: int, device) -> None:
+        from ..training.block_swap import BlockSwap, swap_selection
+        from ..training.dit_blocks import block_lists
+
+        if self.family not in DIT_FAMILIES:
+            raise NodeError(f"blocks_to_swap: block swap moves the transformer blocks of the DiT families; "
+                            f"{self.label} trains without it (blocks_to_swap = 0)")
+        lists = [(name, len(blocks)) for name, blocks in block_lists(self.diffusion_model, self.family)]
+        try:
+            selection = swap_selection(lists, int(blocks_to_swap))
+        except ValueError as e:
+            raise NodeError(str(e)) from None
+        self._undo.append(BlockSwap(self._blocks(), selection, device).attach().detach)
+
+    def _blocks(self) -> list:
+        """The blocks checkpointing and block swap wrap, in the order the forward pass runs them: a DiT's
+        transformer blocks; a UNet's input blocks, middle block and output blocks."""
+        from ..training.dit_blocks import flat_blocks
+
+        net = self.diffusion_model
+        if self.family in DIT_FAMILIES:
+            return flat_blocks(net, self.family)
+        return [*net.input_blocks, net.middle_block, *net.output_blocks]
+
+    def memory_shape(self):
+        """What nodes/estimate.py needs of this model: its transformer blocks' shapes and the bytes its frozen
+        weights are held in (DiT families), or the UNet's shapes (SD families; the text encoders and the VAE
+        leave the device before the first step)."""
+        from .estimate import UNET_PREFIX, dit_shape_from_model, model_shape_from_shapes
+
+        if self.family in DIT_FAMILIES:
+            return dit_shape_from_model(self.diffusion_model, self.family)
+        shapes = {UNET_PREFIX + k: tuple(v.shape) for k, v in self.diffusion_model.state_dict().items()}
+        return model_shape_from_shapes(shapes, self.family)
 
     def adapter_pattern(self, target: str) -> str:
         # peft full-matches a string pattern against the module path; the family's patterns are searched
@@ -424,6 +467,8 @@ class ComfyBaseModel:
         changed), nothing trainable, eval mode."""
         from ..training.adapters import remove_adapters
 
+        while self._undo:  # block swap and checkpointing, newest first
+            self._undo.pop()()
         model = self.diffusion_model
         remove_adapters(model)
         model.requires_grad_(False)

@@ -24,6 +24,7 @@ import re
 from dataclasses import asdict, dataclass, field, replace
 
 from ..training.devices import shares_system_memory
+from ..training.formats.ldm_names import UNET_PREFIX, VAE_PREFIX
 
 GiB = 1024**3
 BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
@@ -120,8 +121,6 @@ def _duration(seconds: float) -> str:
 
 
 # -- reading a checkpoint's shapes ---------------------------------------------------------------------
-UNET_PREFIX = "model.diffusion_model."
-VAE_PREFIX = "first_stage_model."
 TARGETS = (".to_q.weight", ".to_k.weight", ".to_v.weight", ".to_out.0.weight")
 
 
@@ -504,7 +503,9 @@ def pick_blocks_to_swap(model: DitShape, settings: Settings, free_bytes: int, de
 # changes to a DiT run, cheapest first: what each costs in speed or result (none, a little, ~1.5x, copies)
 _DIT_CHANGES = (
     ("optimizer", "adamw8bit", "optimizer adamw8bit"),
-    ("fp8_base", True, "fp8_base on"),
+    # the DiT families train the model ComfyUI loaded, in the dtype it loaded it in (fp8_base is the checkpoint
+    # path's): the loader's weight_dtype is the setting to change
+    ("fp8_base", True, "the model loaded in fp8 (Load Diffusion Model: weight_dtype fp8_e4m3fn)"),
     ("gradient_checkpointing", True, "gradient_checkpointing on"),
 )
 

@@ -99,6 +99,14 @@ def _max_token_length(value, host):
             from None
 
 
+# blocks_to_swap's choices on the node: off, auto, then even counts up to Flux.1's 38
+BLOCK_SWAP_OPTIONS = ["0", cfg.SWAP_CHOICES[0], *(str(n) for n in range(2, 39, 2))]
+
+
+def _blocks_to_swap(value, host):
+    return value if value == cfg.SWAP_CHOICES[0] else int(value)
+
+
 def _optimizer_args(value, host):
     text = (value or "").strip()
     if not text:
@@ -214,6 +222,15 @@ TABLE = [
     opt("validation_seed", kind="INT", default=0, to_config=_validation_seed, control_after_generate=False),
     opt("early_stopping_metric"),
     opt("keep_best"),
+    # the model input's DiT families (flow matching, block swap)
+    opt("timestep_sampling"),
+    opt("sigmoid_scale"),
+    opt("discrete_flow_shift"),
+    opt("weighting_scheme"),
+    opt("logit_mean"),
+    opt("logit_std"),
+    opt("mode_scale"),
+    opt("blocks_to_swap", kind="COMBO", options=BLOCK_SWAP_OPTIONS, default="0", to_config=_blocks_to_swap),
 ]
 ROWS = {row.key: row for row in TABLE}
 

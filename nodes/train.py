@@ -10,6 +10,7 @@ their errors reach the user with their words.
 from __future__ import annotations
 
 import os
+from dataclasses import replace
 
 from .fields import config_input
 from .runs import loss_maps
@@ -89,11 +90,13 @@ def resume_state(host, config) -> str:
     return state
 
 
-def preflight(host, config, dataset, memory_limit_gb: float = 0.0):
+def preflight(host, config, dataset, memory_limit_gb: float = 0.0, base=None):
     """What must hold before the device is touched: readable images, then the memory/time estimate for
-    ``config`` on the host's device (after ComfyUI's models are unloaded). NodeError when it cannot run;
-    returns the estimate, or None where the checkpoint's shapes cannot be read (the loader says why)."""
-    from .estimate import GiB, Settings, estimate, read_model_shape, refusal_message
+    ``config`` on the host's device (after ComfyUI's models are unloaded), for the checkpoint file or the
+    model input ``base`` (a ComfyBaseModel); ``blocks_to_swap = auto`` becomes the count it needs. NodeError
+    when it cannot run; returns the estimate, or None where the checkpoint's shapes cannot be read (the
+    loader says why)."""
+    from .estimate import DitShape, GiB, Settings, estimate, pick_blocks_to_swap, read_model_shape, refusal_message
 
     report = getattr(dataset, "report", None)
     if report is not None and report.unreadable:
@@ -105,10 +108,13 @@ def preflight(host, config, dataset, memory_limit_gb: float = 0.0):
     for folder in dict.fromkeys(f for f in (config.output_dir, config.state_dir) if f):
         clean_stale_saves(folder)
     host.free_memory()  # ComfyUI's models go first: the estimate compares against what is then free
-    try:
-        shape = read_model_shape(config.checkpoint, config.family)
-    except Exception:  # a diffusers folder or an unreadable header: the loader will say what is wrong
-        return None
+    if base is not None:
+        shape = base.memory_shape()
+    else:
+        try:
+            shape = read_model_shape(config.checkpoint, config.family)
+        except Exception:  # a diffusers folder or an unreadable header: the loader will say what is wrong
+            return None
     memory = host.device_memory()
     free = int(memory_limit_gb * GiB) if memory_limit_gb and memory_limit_gb > 0 else memory["free"]
     settings = Settings(
@@ -119,7 +125,16 @@ def preflight(host, config, dataset, memory_limit_gb: float = 0.0):
         gradient_checkpointing=config.gradient_checkpointing,
         gradient_accumulation_steps=config.gradient_accumulation_steps,
         steps=config.steps,
+        fp8_base=config.fp8_base,
+        optimizer=config.optimizer,
+        blocks_to_swap=0 if config.blocks_to_swap == "auto" else int(config.blocks_to_swap),
     )
+    if config.blocks_to_swap == "auto":  # the fewest blocks that make the run fit; none for UNets
+        picked = pick_blocks_to_swap(shape, settings, free, memory["type"]) \
+            if isinstance(shape, DitShape) and free is not None else 0
+        if picked is not None:
+            config.blocks_to_swap = picked
+            settings = replace(settings, blocks_to_swap=picked)
     limited = bool(memory_limit_gb and memory_limit_gb > 0)
     est = estimate(shape, settings, free, memory["type"], memory["name"], memory.get("cpu_count", 4),
                    memory_note="" if limited else memory.get("note", ""))  # what the device's free figure means
@@ -258,7 +273,7 @@ class TrainLoRA(NodeSpec):
             precision, trigger_word, overwrite, gradient_checkpointing, sample_every, sample_prompt, save_every,
             resume, options, model_given=base is not None,
         )
-        estimate = preflight(host, config, dataset, memory_limit_gb)
+        estimate = preflight(host, config, dataset, memory_limit_gb, base)
         prompt_id, context_node = host.executing()
         reporter = RunReporter(host, config, node_id if node_id is not None else context_node, prompt_id, {
             "checkpoint": base.source if base is not None else checkpoint, "steps": config.steps, "rank": config.rank, "resolution": config.resolution,

@@ -258,11 +258,6 @@ NOT_ON_THE_OPTIONS_NODE = {
     "cache_dir": "a free path; the disk cache stays beside the dataset inside the input folder",
     "log_every": "terminal logging; the node shows every step",
     "extra": "not a setting",
-    # flow matching (SD3, Flux, ...): only models trained through ComfyUI's MODEL (issue 16) use these, and no node
-    # trains that way yet; they join the node with that input
-    **{key: "flow matching: no node trains a flow model yet" for key in (
-        "timestep_sampling", "sigmoid_scale", "discrete_flow_shift", "weighting_scheme", "logit_mean", "logit_std",
-        "mode_scale")},
 }
 
 

@@ -26,6 +26,10 @@ class HostedModel(Protocol):
     def place(self, device: torch.device, dtype: torch.dtype, gradient_checkpointing: bool) -> None:
         """The denoiser on ``device`` for training (the text encoders and the VAE off it)."""
 
+    def swap_blocks(self, blocks_to_swap: int, device: torch.device) -> None:
+        """Keep the frozen weights of ``blocks_to_swap`` transformer blocks off ``device`` between their uses
+        (training/block_swap.py); called once the adapters are attached."""
+
     def adapter_pattern(self, target: str) -> str:
         """A regex (peft ``target_modules``) over ``unet``'s module paths for a target preset."""
 
@@ -50,7 +54,8 @@ class HostedModel(Protocol):
         """Preview images (PIL) of the model as trained so far, made the way the host samples."""
 
     def release(self) -> None:
-        """The model back to its host as it was: adapters removed, frozen, in eval mode."""
+        """The model back to its host as it was: block swap and checkpointing undone, adapters removed, frozen,
+        in eval mode."""
 
 
 def is_hosted(base) -> bool:

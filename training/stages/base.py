@@ -52,6 +52,10 @@ def load_base(ctx: RunContext, base: BaseModel | None) -> BaseModel:
             f"processes {ctx.world}, adapter {config.adapter} ({config.target}), optimizer {config.optimizer}")
     if is_hosted(base):
         check_hosted_settings(config, base)
+    elif config.blocks_to_swap not in (0, "auto"):
+        raise TrainingError(f"blocks_to_swap = {config.blocks_to_swap}: block swap moves the transformer blocks of "
+                            "the DiT models trained through Train LoRA's model input (Flux.1, SD3, ...); an "
+                            f"{base.family} UNet from a checkpoint file trains without it: blocks_to_swap = 0")
     if config.zero_terminal_snr and base.prediction_type != "v_prediction":
         ctx.log("warning: zero_terminal_snr with an epsilon-prediction model; it is meant for v-prediction")
     return base

@@ -99,6 +99,9 @@ def attach_trainable(ctx: RunContext, base, continuation=None) -> Trainable:
         except CompileUnavailable as e:
             raise TrainingError(str(e)) from None
         ctx.log("torch_compile: the UNet is compiled on its first step (minutes on a CPU)")
+    if is_hosted(base) and config.blocks_to_swap not in (0, "auto"):  # the adapters stay on the device
+        base.swap_blocks(int(config.blocks_to_swap), device)
+        ctx.log(f"block swap: the frozen weights of {config.blocks_to_swap} blocks wait in CPU memory between uses")
     param_groups = optimizer_param_groups(base, config, unet_params, te_params)  # LoRA+ splits
     dropout = attach_dropout(base, config)
     optimizer = make_optimizer(config.optimizer, param_groups, config.learning_rate, config.weight_decay,
