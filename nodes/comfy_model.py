@@ -224,7 +224,7 @@ class ComfyBaseModel:
         self.parameterisation = parameterisation_of(self.model_sampling)
         self._checked_output = False
         self._scheduler = None
-        self._undo: list = []  # what release() takes off the model (block swap, checkpointing), in order
+        self._undo = contextlib.ExitStack()  # what release() takes off the model (block swap, checkpointing, ...)
         # HostedModel: the text encoders stay frozen (captions are encoded once), the file names the model
         self.text_encoders: list = []
         self.source = f"ComfyUI MODEL ({self.label})"
@@ -354,8 +354,11 @@ class ComfyBaseModel:
         loaded = self.prepare()
         if torch.device(device).type != loaded.type:
             raise NodeError(f"the run trains on {device}, but ComfyUI loads this model on {loaded}")
+        # ComfyUI's training flag for the whole run, not just each forward call: a checkpointed block recomputes
+        # its forward inside backward and must take the same (autograd-capable) path as the first time
+        self._undo.enter_context(self.training())
         if gradient_checkpointing:  # per block: each recomputes its forward in the backward pass
-            self._undo.append(checkpoint_blocks(self._blocks()).remove)
+            self._undo.callback(checkpoint_blocks(self._blocks()).remove)
 
     def swap_blocks(self, blocks_to_swap: int, device) -> None:
         from ..training.block_swap import BlockSwap, swap_selection
@@ -369,7 +372,7 @@ class ComfyBaseModel:
             selection = swap_selection(lists, int(blocks_to_swap))
         except ValueError as e:
             raise NodeError(str(e)) from None
-        self._undo.append(BlockSwap(self._blocks(), selection, device).attach().detach)
+        self._undo.callback(BlockSwap(self._blocks(), selection, device).attach().detach)
 
     def _blocks(self) -> list:
         """The blocks checkpointing and block swap wrap, in the order the forward pass runs them: a DiT's
@@ -467,8 +470,7 @@ class ComfyBaseModel:
         changed), nothing trainable, eval mode."""
         from ..training.adapters import remove_adapters
 
-        while self._undo:  # block swap and checkpointing, newest first
-            self._undo.pop()()
+        self._undo.close()  # block swap, checkpointing, the training flag: newest first
         model = self.diffusion_model
         remove_adapters(model)
         model.requires_grad_(False)

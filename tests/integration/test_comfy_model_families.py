@@ -379,3 +379,28 @@ def test_settings_the_model_input_cannot_take_are_refused_by_name(comfy_lib, tmp
     with pytest.raises(TrainingError, match=key):
         _train_loop(provider, tmp_path, **setting, **NO_VALIDATION)
     provider.release()
+
+
+@pytest.mark.parametrize("family,swap", [("flux-dev", 2), ("qwen-image", 1)])
+def test_checkpointing_and_block_swap_change_nothing_but_memory(comfy_lib, family, swap, tmp_path):
+    """Per-block gradient checkpointing and block swap on ComfyUI's own model, through the training loop: the
+    same LoRA and losses to the bit as a plain run (CPU), and release() hands the blocks back unwrapped."""
+    import comfy_tiny
+    from safetensors.torch import load_file
+
+    tiny = comfy_tiny.BUILDERS[family]()
+
+    def run(folder, **settings):
+        provider = _provider(tiny, stand_ins=True)
+        try:
+            result = _train_loop(provider, tmp_path / folder, steps=3, **NO_VALIDATION, **settings)
+        finally:
+            provider.release()
+        assert all("forward" not in vars(block) for block in provider._blocks())  # no wrapper left behind
+        return result
+
+    plain = run("plain")
+    wrapped = run("wrapped", gradient_checkpointing=True, blocks_to_swap=swap)
+    assert wrapped.losses == plain.losses
+    a, b = load_file(plain.path), load_file(wrapped.path)
+    assert all(torch.equal(a[k], b[k]) for k in a)
