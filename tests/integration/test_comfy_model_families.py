@@ -144,7 +144,8 @@ def figures():
 def test_family_loads_trains_and_round_trips(comfy_lib, family, tmp_path, figures):
     import comfy_tiny
 
-    from comfyui_lora_trainer.training.formats.families import (BASE_MODEL_VERSION, MODELSPEC_ARCHITECTURE,
+    from comfyui_lora_trainer.training.formats.families import (BASE_MODEL_VERSION, KOHYA_NETWORK_MODULE,
+                                                                 MODELSPEC_ARCHITECTURE,
                                                                  family_from_metadata)
 
     tiny = comfy_tiny.BUILDERS[family]()
@@ -172,6 +173,7 @@ def test_family_loads_trains_and_round_trips(comfy_lib, family, tmp_path, figure
     assert family_from_metadata(metadata) == family
     assert metadata["ss_timestep_sampling"] == "sigmoid" and metadata["ss_network_dim"] == str(RANK)
     assert ("ss_guidance_scale" in metadata) == (provider.guidance is not None)
+    assert metadata["ss_network_module"] == KOHYA_NETWORK_MODULE.get(family, "networks.lora")
     data = _overfit_set(provider, tiny)
 
     fresh = _provider(tiny)

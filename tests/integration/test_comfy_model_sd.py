@@ -7,6 +7,8 @@ and the trained model's outputs. Random weights, 64 px, 4 steps: a minute on a C
 from __future__ import annotations
 
 import logging
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -47,13 +49,16 @@ def test_sd15_model_input_trains_in_place_and_round_trips(comfy_lib, sd15_file, 
     assert provider.family == "sd1" and provider.prediction_type == "epsilon"
     unet_modules = {id(m) for m in provider.diffusion_model.modules()}
     unet_numel = sum(p.numel() for p in provider.diffusion_model.parameters())
-    config = TrainConfig(dataset=str(__import__("pathlib").Path(__file__).resolve().parents[2] / "training" /
-                                     "sample_dataset"), output_dir=str(tmp_path), output_name="sd15_model_input",
+    dataset = str(Path(__file__).resolve().parents[2] / "training" / "sample_dataset")
+    config = TrainConfig(dataset=dataset, output_dir=str(tmp_path), output_name="sd15_model_input",
                          steps=4, rank=4, alpha=4.0, learning_rate=1e-3, resolution=64, batch_size=1, seed=0,
-                         device="cpu", precision="fp32", target="attention")
+                         device="cpu", precision="fp32", target="attention", validation_dataset=dataset,
+                         validate_every_n_steps=4)
     with torch.inference_mode():
         result = train(config, base=provider)
     assert result.steps_done == 4 and all(l == l for l in result.losses)
+    (_, before), (_, after) = result.validation[0], result.validation[-1]
+    assert after < before, result.validation  # 4 steps on random weights: a small but certain fall
     # trained in place: ComfyUI's own UNet modules, their weights once (frozen), the adapters beside them
     assert unet_modules <= {id(m) for m in provider.diffusion_model.modules()}
     frozen = [p for p in provider.diffusion_model.parameters() if not p.requires_grad]
@@ -92,3 +97,4 @@ def test_sd15_model_input_trains_in_place_and_round_trips(comfy_lib, sd15_file, 
     diff = float((trained - loaded).abs().max())
     assert diff < 1e-5, diff
     assert float((trained - plain).abs().max()) > 100 * max(diff, 1e-7)
+    sys.stderr.write(f"\n[comfy_model] sd1: {after / before:.3f}, {diff:.2e}, {len(patched.patches)}/{len(modules)}\n")

@@ -56,6 +56,14 @@ KOHYA_ARCHITECTURE_ALIASES = {
     "stable-diffusion-3-5-large": "sd3.5-large",
 }
 
+# ss_network_module of a plain LoRA where kohya's sd-scripts trains the family with a network module of its own
+# (networks/lora_sd3.py, lora_flux.py, lora_lumina.py); the others write networks.lora
+KOHYA_NETWORK_MODULE = {
+    "sd3": "networks.lora_sd3", "sd3.5-medium": "networks.lora_sd3", "sd3.5-large": "networks.lora_sd3",
+    "flux-dev": "networks.lora_flux", "flux-schnell": "networks.lora_flux", "chroma": "networks.lora_flux",
+    "lumina2": "networks.lora_lumina", "z-image": "networks.lora_lumina",
+}
+
 MODELSPEC_IMPLEMENTATION = {
     "sd1": "diffusers",
     "sd2": "diffusers",

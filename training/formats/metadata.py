@@ -16,6 +16,7 @@ from typing import Any
 from .families import (
     ALL_FAMILIES,
     BASE_MODEL_VERSION,
+    KOHYA_NETWORK_MODULE,
     DEFAULT_RESOLUTION,
     MODELSPEC_ARCHITECTURE,
     MODELSPEC_IMPLEMENTATION,
@@ -150,7 +151,10 @@ def make_metadata(info: RunInfo) -> dict[str, str]:
             md[key] = value
 
     # network (also the kohya --no_metadata minimum set)
-    put("ss_network_module", info.network_module)
+    network_module = info.network_module
+    if network_module == "networks.lora":  # kohya's own module for the family, where it has one
+        network_module = KOHYA_NETWORK_MODULE.get(family, network_module)
+    put("ss_network_module", network_module)
     put("ss_network_dim", info.network_dim)
     put("ss_network_alpha", info.network_alpha)
     put("ss_network_args", json.dumps(info.network_args or {}))
