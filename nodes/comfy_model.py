@@ -90,7 +90,7 @@ DIT_FAMILIES = tuple(f for f in FAMILIES if f not in ("sd1", "sd2", "sd2-v", "sd
 
 # families whose tiny models pass tests/integration/test_comfy_model_families.py (load, targets, forward, a
 # training step that lowers the loss, a written file ComfyUI loads with every key and the same outputs)
-TESTED = ("sd1", "flux-dev", "flux-schnell", "sd3", "chroma", "lumina2", "qwen-image")
+TESTED = ("sd1", "flux-dev", "flux-schnell", "sd3", "sd3.5-medium", "chroma", "lumina2", "qwen-image")
 
 # ComfyUI's model config class (comfy/supported_models.py) -> family; SD3's variants by their MMDiT shape
 _CONFIG_FAMILY = {"SD15": "sd1", "SD20": "sd2", "SD21UnclipL": None, "SDXL": "sdxl", "SD3": "sd3",

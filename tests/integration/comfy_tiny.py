@@ -100,6 +100,19 @@ def sd3(seed: int = 0) -> TinyModel:
     return TinyModel("sd3", _randomize(net, seed), params, None, pooled=True)
 
 
+def sd35_medium(seed: int = 0) -> TinyModel:
+    """SD3.5 Medium's MMDiT-X: SD3's joint blocks, the first of them with a second self-attention on the image
+    stream (``x_block_self_attn_layers``), which is how ComfyUI and we tell it from SD3."""
+    import comfy.ldm.modules.diffusionmodules.mmdit as m
+
+    params = dict(patch_size=2, in_channels=16, out_channels=16, depth=2, adm_in_channels=POOLED_DIM,
+                  context_embedder_config={"target": "torch.nn.Linear",
+                                           "params": {"in_features": CONTEXT_DIM, "out_features": 128}},
+                  pos_embed_max_size=16, num_patches=256, x_block_self_attn_layers=[0], qk_norm="rms")
+    net = m.OpenAISignatureMMDITWrapper(input_size=None, operations=_ops(), **params)
+    return TinyModel("sd3.5-medium", _randomize(net, seed), params, None, pooled=True)
+
+
 def chroma(seed: int = 0) -> TinyModel:
     import comfy.ldm.chroma.model as m
 
@@ -149,6 +162,7 @@ BUILDERS = {
     "flux-dev": lambda: flux(True),
     "flux-schnell": lambda: flux(False),
     "sd3": sd3,
+    "sd3.5-medium": sd35_medium,
     "chroma": chroma,
     "lumina2": lumina2,
     "qwen-image": qwen_image,

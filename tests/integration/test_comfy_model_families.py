@@ -32,6 +32,8 @@ FAMILY_TARGETS = {  # family -> (adapter modules of the tiny model, sample paths
     "flux-schnell": (26, ["double_blocks.1.txt_attn.proj", "single_blocks.0.linear2"]),
     "sd3": (17, ["joint_blocks.0.context_block.attn.qkv", "joint_blocks.0.x_block.mlp.fc2",
                  "joint_blocks.1.x_block.adaLN_modulation.1", "joint_blocks.1.context_block.attn.qkv"]),
+    "sd3.5-medium": (19, ["joint_blocks.0.x_block.attn2.qkv", "joint_blocks.0.x_block.attn2.proj",
+                          "joint_blocks.1.x_block.attn.qkv"]),
     "chroma": (20, ["double_blocks.0.img_attn.qkv", "double_blocks.1.txt_mlp.0", "single_blocks.1.linear2"]),
     "lumina2": (23, ["layers.0.attention.qkv", "layers.1.feed_forward.w3", "noise_refiner.0.adaLN_modulation.1",
                      "context_refiner.0.attention.out"]),
