@@ -17,6 +17,7 @@ pooled vector for Flux/SD3, ``pooled_output = None`` for Chroma, the token mask 
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import re
@@ -408,3 +409,50 @@ def test_checkpointing_and_block_swap_change_nothing_but_memory(comfy_lib, famil
     assert wrapped.losses == plain.losses
     a, b = load_file(plain.path), load_file(wrapped.path)
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_the_memory_estimate_reads_the_model_input_and_picks_blocks_to_swap(comfy_lib, tmp_path):
+    """Train LoRA's pre-flight on a model input: the estimate takes the model's own shapes and weight bytes;
+    ``blocks_to_swap = auto`` becomes the count that fits a device between the unswapped and the fully swapped
+    peak; without swap the same device refuses the run with the estimator's advice."""
+    import comfy_tiny
+
+    from comfyui_lora_trainer.nodes.comfy_model import ComfyBaseModel
+    from comfyui_lora_trainer.nodes.estimate import DitShape, Settings, estimate
+    from comfyui_lora_trainer.nodes.host import ComfyHost
+    from comfyui_lora_trainer.nodes.spec import NodeError
+    from comfyui_lora_trainer.nodes.train import preflight
+    from comfyui_lora_trainer.training.config import TrainConfig
+
+    class SmallGpu(ComfyHost):  # ComfyUI's host, with a device of ``free`` bytes
+        def __init__(self, free):
+            self.free = free
+
+        def device_memory(self):
+            return {"free": self.free, "total": self.free, "type": "cuda", "name": "test GPU"}
+
+        def free_memory(self):
+            pass
+
+    provider = _provider(comfy_tiny.BUILDERS["flux-dev"](), stand_ins=True)
+    shape = provider.memory_shape()
+    assert isinstance(shape, DitShape) and shape.family == "flux-dev"
+    assert shape.params == sum(p.numel() for p in provider.diffusion_model.parameters())
+    settings = Settings(resolution=64, batch_size=1, rank=4, precision="bf16")
+    plain = estimate(shape, settings, None, "cuda").peak_bytes
+    swapped = estimate(shape, dataclasses.replace(settings, blocks_to_swap=shape.max_blocks_to_swap()), None,
+                       "cuda").peak_bytes
+    assert swapped < plain
+    device = SmallGpu((plain + swapped) // 2)
+
+    def config(blocks_to_swap):
+        return TrainConfig(dataset=SAMPLE_DATASET, output_dir=str(tmp_path), output_name="x", steps=2, rank=4,
+                           resolution=64, batch_size=1, precision="bf16", blocks_to_swap=blocks_to_swap)
+
+    auto = config("auto")
+    assert preflight(device, auto, None, base=provider).fits
+    assert 0 < auto.blocks_to_swap <= shape.max_blocks_to_swap()
+    assert isinstance(provider, ComfyBaseModel)
+    with pytest.raises(NodeError, match=r"would need about .* Change:\n  - .*\(fits\)"):
+        preflight(device, config(0), None, base=provider)
+    provider.release()
