@@ -343,14 +343,18 @@ class ComfyBaseModel:
                                             prediction_type=self.prediction_type)
         return self._scheduler
 
-    def place(self, device, dtype, gradient_checkpointing: bool) -> None:
+    def place(self, device, dtype, gradient_checkpointing: bool, keep_text_encoders: bool = False) -> None:
         """The diffusion model on ComfyUI's device for training; ComfyUI's other models (the text encoders and
-        the VAE, which did their work while the caches were built) leave it first."""
+        the VAE, which did their work while the caches were built) leave it first. ``keep_text_encoders``:
+        captions are encoded every step (caption augmentation), so the CLIP is loaded beside the model once,
+        rather than making ComfyUI swap models at every step."""
         import comfy.model_management as mm
 
         from ..training.dit_blocks import checkpoint_blocks
 
         mm.unload_all_models()
+        if keep_text_encoders and self.clip is not None:
+            mm.load_models_gpu([self.clip.patcher], force_full_load=True)
         loaded = self.prepare()
         if torch.device(device).type != loaded.type:
             raise NodeError(f"the run trains on {device}, but ComfyUI loads this model on {loaded}")
@@ -359,6 +363,9 @@ class ComfyBaseModel:
         self._undo.enter_context(self.training())
         if gradient_checkpointing:  # per block: each recomputes its forward in the backward pass
             self._undo.callback(checkpoint_blocks(self._blocks()).remove)
+
+    def text_encoder_bytes(self) -> int | None:
+        return int(self.clip.patcher.model_size()) if self.clip is not None else None
 
     def swap_blocks(self, blocks_to_swap: int, device) -> None:
         from ..training.block_swap import BlockSwap, swap_selection

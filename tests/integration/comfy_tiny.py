@@ -221,8 +221,14 @@ class StandInClip:
     encoders give them (:func:`text_extras`; the pooled vector is the mean word vector's first POOLED_DIM)."""
 
     def __init__(self, tiny: TinyModel):
+        import comfy.model_patcher
+
         self.tiny = tiny
         self.calls = 0
+        # what ComfyUI loads and unloads for a CLIP: a ModelPatcher around its encoder (here a stand-in module)
+        self.patcher = comfy.model_patcher.ModelPatcher(torch.nn.Linear(CONTEXT_DIM, CONTEXT_DIM),
+                                                        load_device=torch.device("cpu"),
+                                                        offload_device=torch.device("cpu"))
 
     def tokenize(self, text):
         words = text.split() or [""]

@@ -456,3 +456,25 @@ def test_the_memory_estimate_reads_the_model_input_and_picks_blocks_to_swap(comf
     with pytest.raises(NodeError, match=r"would need about .* Change:\n  - .*\(fits\)"):
         preflight(device, config(0), None, base=provider)
     provider.release()
+
+
+def test_caption_augmentation_encodes_every_step_with_the_text_encoders_kept_loaded(comfy_lib, tmp_path):
+    """shuffle_caption on a model input: each step's captions go through the graph's CLIP again, which is
+    loaded beside the model once (said in the log with its size) instead of swapped in at every step."""
+    import comfy_tiny
+
+    provider = _provider(comfy_tiny.BUILDERS["flux-schnell"](), stand_ins=True)
+    logs, calls = [], {}
+
+    def events(e):
+        if e["type"] == "log":
+            logs.append(e["message"])
+        calls.setdefault(e["type"], provider.clip.calls)  # the CLIP's encodes when each event first came
+
+    try:
+        _train_loop(provider, tmp_path, steps=3, shuffle_caption=True, events=events, **NO_VALIDATION)
+    finally:
+        provider.release()
+    assert calls["start"] == 0 and calls["done"] > 0  # nothing encoded up front; the steps encode their captions
+    assert any(m.startswith("caption augmentation: the captions are encoded at every step") and "GiB more" in m
+               for m in logs), logs

@@ -23,8 +23,13 @@ class HostedModel(Protocol):
     text_encoders: list  # the text encoders trained with it: none (captions are encoded once)
     source: str  # what the metadata names as the base model
 
-    def place(self, device: torch.device, dtype: torch.dtype, gradient_checkpointing: bool) -> None:
-        """The denoiser on ``device`` for training (the text encoders and the VAE off it)."""
+    def place(self, device: torch.device, dtype: torch.dtype, gradient_checkpointing: bool,
+              keep_text_encoders: bool) -> None:
+        """The denoiser on ``device`` for training; the VAE off it, and the text encoders too unless
+        ``keep_text_encoders`` (captions encoded every step)."""
+
+    def text_encoder_bytes(self) -> int | None:
+        """The text encoders' size, for what keeping them beside the model costs."""
 
     def swap_blocks(self, blocks_to_swap: int, device: torch.device) -> None:
         """Keep the frozen weights of ``blocks_to_swap`` transformer blocks off ``device`` between their uses

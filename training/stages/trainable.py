@@ -45,7 +45,13 @@ def place_base(ctx: RunContext, base, data: Data) -> None:
     """The frozen base on the device in the run's precision (text encoders and VAE only where needed)."""
     config, device, weight_dtype = ctx.config, ctx.device, ctx.weight_dtype
     if is_hosted(base):  # the host loads its model its way; its text encoders and VAE leave the device
-        base.place(device, weight_dtype, config.gradient_checkpointing)
+        encode_every_step = not (data.text_cache is not None and data.captions_fixed)
+        base.place(device, weight_dtype, config.gradient_checkpointing, encode_every_step)
+        if encode_every_step:
+            size = base.text_encoder_bytes()
+            ctx.log("caption augmentation: the captions are encoded at every step, so the text encoders stay on "
+                    "the device beside the model" + (f" (about {size / 2**30:.1f} GiB more)" if size else "")
+                    + "; with fixed captions they are encoded once and leave it")
         return
     unet = base.unet
     if config.quantize_base == "4bit":
