@@ -199,12 +199,13 @@ def _differs(a, b) -> bool:
     return a != b
 
 
-def load(tiny: TinyModel):
-    """The ModelPatcher ComfyUI's Load Diffusion Model path makes of ``tiny`` (float32, CPU)."""
+def load(tiny: TinyModel, dtype: torch.dtype = torch.float32):
+    """The ModelPatcher ComfyUI's Load Diffusion Model path makes of ``tiny`` (CPU; ``dtype``: its weight_dtype,
+    e.g. torch.float8_e4m3fn, with which ComfyUI stores the weights in fp8 and casts them per operation)."""
     import comfy.sd
 
     with told_sizes(tiny):
-        patcher = comfy.sd.load_diffusion_model_state_dict(dict(tiny.state_dict), model_options={"dtype": torch.float32})
+        patcher = comfy.sd.load_diffusion_model_state_dict(dict(tiny.state_dict), model_options={"dtype": dtype})
     if patcher is None:
         raise AssertionError(f"ComfyUI did not recognise the tiny {tiny.family} state dict")
     return patcher

@@ -478,3 +478,32 @@ def test_caption_augmentation_encodes_every_step_with_the_text_encoders_kept_loa
     assert calls["start"] == 0 and calls["done"] > 0  # nothing encoded up front; the steps encode their captions
     assert any(m.startswith("caption augmentation: the captions are encoded at every step") and "GiB more" in m
                for m in logs), logs
+
+
+def test_a_model_loaded_in_fp8_trains_with_its_weights_kept_in_fp8(comfy_lib, tmp_path):
+    """Load Diffusion Model with weight_dtype fp8_e4m3fn: ComfyUI stores the weights in float8 and casts them per
+    operation; training keeps them so (the adapters train in fp32 beside them) and the loss falls."""
+    import comfy_tiny
+
+    from comfyui_lora_trainer.nodes.host import ComfyHost
+
+    tiny = comfy_tiny.BUILDERS["flux-dev"]()
+    with torch.inference_mode():
+        patcher = comfy_tiny.load(tiny, torch.float8_e4m3fn)
+    latent = patcher.model.latent_format
+    provider = ComfyHost().base_model(patcher, comfy_tiny.StandInClip(tiny),
+                                      comfy_tiny.StandInVae(latent.latent_channels))
+    frozen_dtypes = []
+
+    def events(e):
+        if e["type"] == "step":
+            frozen_dtypes.append({p.dtype for p in provider.diffusion_model.parameters() if not p.requires_grad})
+
+    try:
+        result = _train_loop(provider, tmp_path, steps=10, events=events)
+        trained = {p.dtype for p in provider.diffusion_model.parameters() if p.requires_grad}
+    finally:
+        provider.release()
+    assert all(d == {torch.float8_e4m3fn} for d in frozen_dtypes) and trained == {torch.float32}
+    (_, before), (_, after) = result.validation[0], result.validation[-1]
+    assert after < 0.9 * before, result.validation
