@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ..training.formats.families import MODEL_FAMILIES
 from ..training.formats.names import comfy_unet_name
 from .spec import NodeError
 
@@ -86,7 +87,7 @@ FAMILIES: dict[str, Family] = {f.id: f for f in (
 )}
 
 # the transformer families (training/dit_blocks.py knows their blocks); the others are UNets
-DIT_FAMILIES = tuple(f for f in FAMILIES if f not in ("sd1", "sd2", "sd2-v", "sdxl"))
+DIT_FAMILIES = MODEL_FAMILIES
 
 # families whose tiny models pass tests/integration/test_comfy_model_families.py (load, targets, forward, a
 # training step that lowers the loss, a written file ComfyUI loads with every key and the same outputs)

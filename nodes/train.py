@@ -155,8 +155,8 @@ class TrainLoRA(NodeSpec):
     description = (
         "Trains a LoRA for an SD1.x/SD2.x/SDXL checkpoint, or for the model connected to its model input "
         "(Flux.1, SD3, Chroma, Lumina2, Qwen-Image with their CLIP and VAE), on a dataset from Load Dataset and "
-        "writes it to models/loras, with a live loss chart and sample images. Checks memory before it starts. Cancel "
-        "stops within one step and saves <name>_interrupted_stepN plus a resumable state; queue again "
+        "writes it to models/loras, with a live loss chart and sample images. Checks memory before it starts. "
+        "Cancel stops within one step and saves <name>_interrupted_stepN plus a resumable state; queue again "
         "with resume on to continue."
     )
     # Order matters: saved workflows store widget values by position. Append new inputs at the end.
@@ -276,8 +276,9 @@ class TrainLoRA(NodeSpec):
         estimate = preflight(host, config, dataset, memory_limit_gb, base)
         prompt_id, context_node = host.executing()
         reporter = RunReporter(host, config, node_id if node_id is not None else context_node, prompt_id, {
-            "checkpoint": base.source if base is not None else checkpoint, "steps": config.steps, "rank": config.rank, "resolution": config.resolution,
-            "batch_size": config.batch_size, "learning_rate": config.learning_rate, "resume": bool(resume),
+            "checkpoint": base.source if base is not None else checkpoint, "steps": config.steps,
+            "rank": config.rank, "resolution": config.resolution, "batch_size": config.batch_size,
+            "learning_rate": config.learning_rate, "resume": bool(resume),
         })
         reporter.started(estimate)
         try:

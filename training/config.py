@@ -829,9 +829,9 @@ class TrainConfig:
         "while they run (0: off; auto: the fewest that fit the free memory)",
         doc=(
             "block swap (kohya's `--blocks_to_swap`) for the DiT families (SD3/SD3.5, Flux.1, Chroma, Lumina2, "
-            "Z-Image, Qwen-Image): the frozen weights of the last N transformer blocks (counted as kohya counts them: "
-            "on Flux.1 and Chroma the last N/2 double and N single blocks, up to 38) stay in pinned CPU memory and are copied to the GPU "
-            "before each block's forward and backward, the next block's copy overlapped on a second CUDA stream. "
+            "Z-Image, Qwen-Image): the frozen weights of the last N transformer blocks (counted as kohya counts "
+            "them: on Flux.1 and Chroma the last N/2 double and N single blocks, up to 38) stay in pinned CPU "
+            "memory and are copied to the GPU before each block's forward and backward, the next block's copy overlapped on a second CUDA stream. "
             "Same result, slower steps; best with `gradient_checkpointing`. `auto`: the smallest N with which the "
             "memory estimate fits the free memory (`training/block_swap.py`)"
         ),
@@ -1052,7 +1052,8 @@ class TrainConfig:
             if not cond:
                 raise ConfigError(f"{key} = {getattr(self, key)!r}: {message}")
 
-        need(model_given or bool(self.checkpoint), "checkpoint", "set it to a .safetensors checkpoint or a diffusers folder")
+        need(model_given or bool(self.checkpoint), "checkpoint",
+             "set it to a .safetensors checkpoint or a diffusers folder")
         need(bool(self.dataset), "dataset", "set it to a folder of images with captions")
         for f in dataclasses.fields(self):
             problem = field_problem(f, getattr(self, f.name))
