@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from make_example_workflows import FROM_MODEL_INPUT, MODEL_WIDGETS
 from workflow_api import set_widget, ui_to_api, widget_inputs
 
 REPO = Path(__file__).resolve().parents[2]
@@ -20,6 +21,16 @@ def object_info(comfy):
 
 def load(name):
     return json.loads((EXAMPLES / f"{name}.json").read_text())
+
+
+def widget_value(node, name, object_info):
+    """A widget's value in a UI-format node (what set_widget sets)."""
+    position = 0
+    for widget, control in widget_inputs(object_info[node["type"]]):
+        if widget == name:
+            return node["widgets_values"][position]
+        position += 2 if control else 1
+    raise KeyError(f"{node['type']} has no widget {name}")
 
 
 def shrink(workflow, object_info, checkpoint, tag, **train):
@@ -61,7 +72,9 @@ def test_examples_are_listed_and_convert(comfy, object_info):
 @pytest.mark.parametrize("name", sorted(p.stem for p in EXAMPLES.glob("*.json")))
 def test_examples_run_out_of_the_box(name, object_info):
     """Links join an output to an input of the same type; every dataset is one Load Dataset offers on a fresh
-    install; every checkpoint carries its download (the frontend's "models" convention)."""
+    install; every model file a node names (checkpoint, diffusion model, text encoders, VAE) carries its
+    download and folder (the frontend's "models" convention); a Train LoRA on "(model input)" has its model,
+    clip and vae connected."""
     workflow = load(name)
     nodes = {n["id"]: n for n in workflow["nodes"]}
     for link_id, src, slot, dst, dst_slot, kind in workflow["links"]:
@@ -74,10 +87,16 @@ def test_examples_run_out_of_the_box(name, object_info):
     for node in nodes.values():
         if node["type"] == "LoraTrainer_LoadDataset":
             assert node["widgets_values"][0] in offered, (name, node["widgets_values"][0], offered)
-        if node["type"] in ("LoraTrainer_TrainLoRA", "CheckpointLoaderSimple"):
-            (model,) = node["properties"]["models"]
-            assert model["name"] == node["widgets_values"][0] and model["directory"] == "checkpoints"
-            assert model["url"].startswith("https://") and model["url"].endswith(model["name"])
+        named = [(widget_value(node, widget, object_info), directory)
+                 for widget, directory in MODEL_WIDGETS.get(node["type"], [])]
+        files = [(file, directory) for file, directory in named if file != FROM_MODEL_INPUT]
+        models = node["properties"].get("models", [])
+        assert [(m["name"], m["directory"]) for m in models] == files, (name, node["type"], models)
+        for model in models:
+            assert model["url"].startswith("https://") and model["url"].endswith("/" + model["name"]), model
+        if (FROM_MODEL_INPUT, "checkpoints") in named:
+            linked = {s["name"] for s in node["inputs"] if s["link"] is not None}
+            assert {"model", "clip", "vae"} <= linked, (name, node["id"], linked)
 
 
 def test_train_and_test_sd15(comfy, comfy_base_dir, object_info, sd15_checkpoint):
