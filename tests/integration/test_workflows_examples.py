@@ -49,7 +49,7 @@ def shrink(workflow, object_info, checkpoint, tag, **train):
             set_widget(workflow, nid, "output_name", f"{tag}_{name}", object_info)
         elif kind == "CheckpointLoaderSimple":
             set_widget(workflow, nid, "ckpt_name", checkpoint, object_info)
-        elif kind == "EmptyLatentImage":
+        elif kind in ("EmptyLatentImage", "EmptySD3LatentImage"):
             set_widget(workflow, nid, "width", 64, object_info)
             set_widget(workflow, nid, "height", 64, object_info)
         elif kind == "KSampler":
@@ -151,6 +151,65 @@ def test_train_sdxl(comfy, comfy_base_dir, object_info):
         meta = f.metadata()
     assert meta["ss_lr_scheduler"] == "cosine" and float(meta["ss_min_snr_gamma"]) == 5.0
     assert float(meta["ss_noise_offset"]) == pytest.approx(0.0357)
+
+
+def tiny_flux_loaders(prompt: dict, unet_name: str) -> dict:
+    """An API prompt of train_flux with its three loaders giving the tiny Flux of tiny_loaders/ (test-only nodes):
+    Load Diffusion Model reads the tiny file itself where this ComfyUI's detection reads its sizes (0.33), else
+    ITTinyFluxModel loads it (0.3.64); the CLIP and VAE are the stand-ins. Node ids and links stay."""
+    import tiny_loaders
+
+    for node in prompt.values():
+        if node["class_type"] == "UNETLoader":
+            if not tiny_loaders.unet_loader_reads_tiny_flux():
+                node["class_type"], node["inputs"] = "ITTinyFluxModel", {}
+            node["inputs"]["unet_name"] = unet_name
+        elif node["class_type"] == "DualCLIPLoader":
+            node["class_type"], node["inputs"] = "ITTinyFluxClip", {}
+        elif node["class_type"] == "VAELoader":
+            node["class_type"], node["inputs"] = "ITTinyFluxVae", {}
+    return prompt
+
+
+def test_train_flux(comfy, comfy_base_dir, comfy_lib, object_info):
+    """train_flux as shipped but for the three loaders (a tiny Flux.1 dev: see tiny_flux_loaders) and CPU sizes:
+    Train LoRA trains the graph's MODEL, writes a Flux LoRA, and Apply LoRA puts every module of it on the model
+    the sampling branch (FluxGuidance, KSampler cfg 1, VAE Decode, Save Image) runs."""
+    import tiny_loaders
+    from safetensors import safe_open
+
+    unet = tiny_loaders.write_tiny_flux(comfy_base_dir / "models" / "diffusion_models")
+    workflow = shrink(load("train_flux"), object_info, FROM_MODEL_INPUT, "ex4", steps=4, sample_every=2,
+                      sample_prompt="a red circle", save_every=2, gradient_checkpointing=True)
+    prompt = tiny_flux_loaders(ui_to_api(workflow, object_info), unet)
+    apply = next(k for k, n in prompt.items() if n["class_type"] == "LoraTrainer_ApplyLoRA")
+    probe_id, probe = comfy.probe_model([apply, 0])
+    prompt[probe_id] = probe
+    mark = comfy.log_mark()
+    entry = comfy.run(prompt, timeout=600)
+    log = comfy.log_text(since=mark)
+    assert "lora key not loaded" not in log and "NOT LOADED" not in log, log[-3000:]
+
+    loras = comfy_base_dir / "models" / "loras"
+    path = loras / "ex4_my_flux_lora.safetensors"
+    assert path.is_file() and (loras / "ex4_my_flux_lora_step2.safetensors").is_file()
+    with safe_open(str(path), framework="pt") as f:
+        meta, keys = f.metadata(), list(f.keys())
+    assert meta["modelspec.architecture"] == "flux-1-dev/lora" and meta["ss_network_dim"] == "4"
+    modules = {k.split(".")[0] for k in keys}
+    assert modules and all(m.startswith("lora_unet_") for m in modules), sorted(modules)[:5]
+    # Apply LoRA patched ComfyUI's Flux with every module the file holds
+    seen = comfy.probe_result(entry, probe_id)
+    assert seen["config_class"] == "Flux" and seen["model_patches"] == len(modules), (seen["model_patches"], len(modules))
+
+    outputs = entry["outputs"]
+    assert outputs["15"]["images"], "the sampling branch after training saved no image"
+    assert outputs["7"]["images"], "core Plot Loss Graph did not accept the LOSS_MAP"
+    runs = comfy.get_json("/loratrainer/runs")["runs"]
+    run = next(r for r in reversed(runs) if r["name"] == "ex4_my_flux_lora")
+    record = comfy.get_json(f"/api/loratrainer/runs/{run['run_id']}")
+    assert record["status"] == "done" and len(record["losses"]) == 4 and record["node"] == "6"
+    assert [s["step"] for s in record["samples"]] == [0, 2, 4]
 
 
 def test_merge_and_compare(comfy, comfy_base_dir, object_info, sd15_checkpoint):
