@@ -5,7 +5,7 @@
 
 and the thumbnails from screenshots of the loaded examples (browser/user_check.mjs with examplesOnly):
 
-    python tests/integration/make_example_workflows.py thumbnails /path/to/screenshots
+    python tests/integration/make_example_workflows.py thumbnails /path/to/screenshots [NAME ...]
 
 The integration test tests/integration/test_workflows_examples.py converts and queues each file.
 """
@@ -261,12 +261,15 @@ def build(spec: dict, object_info: dict) -> dict:
     }
 
 
-def thumbnails(screenshots: str, width: int = 640) -> None:
+def thumbnails(screenshots: str, names: list[str] | None = None, width: int = 640) -> None:
     """example_workflows/<name>.jpg (the template browser's thumbnails) from browser/user_check.mjs's screenshots
-    of each loaded example (run with examplesOnly): the graph's part of the page, trimmed, small JPEGs."""
+    of each loaded example (run with examplesOnly): the graph's part of the page, trimmed, small JPEGs. Every
+    example, or only ``names``."""
     from PIL import Image
 
     for path in sorted(OUT.glob("*.json")):
+        if names and path.stem not in names:
+            continue
         shot = Image.open(Path(screenshots) / f"{path.stem}.png").convert("RGB")
         w, h = shot.size
         canvas = shot.crop((70, 85, w, h - 90))  # without the side bar, the tab and menu bars, the canvas toolbar
@@ -292,6 +295,6 @@ def main(object_info_path: str) -> None:
 
 if __name__ == "__main__":
     if sys.argv[1] == "thumbnails":
-        thumbnails(sys.argv[2])
+        thumbnails(sys.argv[2], sys.argv[3:])
     else:
         main(sys.argv[1])
