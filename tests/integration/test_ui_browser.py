@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 from itertools import combinations
@@ -39,7 +40,7 @@ MODEL_NODES = set(MODEL_WIDGETS)  # the nodes that name a model file (a missing 
 # lookups of our node types in the registry (blocked offline) are not the package's errors.
 PACKAGE_CODE = "/extensions/comfyui-lora-trainer/"
 # what the error panels show besides the missing checkpoint: headings and buttons
-PANEL_LABELS = {"errors", "view details", "download", "download all"}
+PANEL_LABELS = {"errors", "view details", "download", "download all", "resolve them before running the workflow."}
 
 
 def _playwright_dir() -> str | None:
@@ -118,17 +119,20 @@ def test_example_loads_clean(seen, name, comfy):
     # the only errors: the model files the user has not downloaded, on the nodes that name them
     kinds = {f"{r['id']} {r['type']}": r["type"] for r in page["rects"]}
     assert all(kinds[n] in MODEL_NODES for n in page["nodesWithErrors"]), page["nodesWithErrors"]
+    workflow = json.loads((HERE.parents[1] / "example_workflows" / f"{name}.json").read_text())
+    files = {(m["directory"], m["name"]) for n in workflow["nodes"] for m in n["properties"].get("models", [])}
     for text in page["toasts"] + page["dialogs"] + page["errorPanels"]:
         # the panel names the missing model (0.33) or files the checkpoint under its folder (0.3.64's dialog:
-        # "checkpoints / <file> / Download")
-        assert ("model" in text.lower() or any(f in text for f in MODELS) or text.strip().lower() in PANEL_LABELS), \
-            text
+        # "checkpoints / <file> / Download"); with several files, 0.33's summary counts them ("4 errors found",
+        # its details list the files: modelPanel below)
+        summary = re.match(r"(\d+) errors? found\b", text.strip().lower())
+        assert ("model" in text.lower() or any(f in text for f in MODELS) or text.strip().lower() in PANEL_LABELS
+                or (summary is not None and int(summary.group(1)) == len(files))), text
     # the missing-model report files each model under its folder (not "Unknown") and offers its download
-    workflow = json.loads((HERE.parents[1] / "example_workflows" / f"{name}.json").read_text())
-    folders = {m["directory"] for n in workflow["nodes"] for m in n["properties"].get("models", [])}
-    for folder in folders:
+    for folder, file in files:
         assert folder in page["modelPanel"] or any(f"{folder} /" in line for line in page["modelPanel"]), \
             (folder, page["modelPanel"])
+        assert any(file in line for line in page["modelPanel"]), (file, page["modelPanel"])
     assert not [line for line in page["modelPanel"] if "unknown" in line.lower()], page["modelPanel"]
     assert Path(page["screenshot"]).stat().st_size > 10_000
     thumbnail = comfy.get_bytes(f"/api/workflow_templates/{seen['folder']}/{name}.jpg")
