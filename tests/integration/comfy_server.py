@@ -26,7 +26,8 @@ What the server looks like
 ==========================
 :class:`ComfyServer` starts ``main.py --cpu --base-directory <tmp> --database-url sqlite:///:memory:
 --disable-api-nodes --listen 127.0.0.1 --port <free port>``, with this repository symlinked as
-``<tmp>/custom_nodes/comfyui-lora-trainer`` and ``<tmp>/models/{checkpoints,loras}``, ``<tmp>/input``,
+``<tmp>/custom_nodes/comfyui-lora-trainer`` (beside it the test-only nodes of probe_nodes.py and
+tiny_loaders/) and ``<tmp>/models/{checkpoints,loras}``, ``<tmp>/input``,
 ``<tmp>/output`` prepared. The server log (stdout+stderr) goes to ``<tmp>/comfyui.log``. Only the
 loopback address is used. :class:`ComfyClient` talks to it over HTTP (standard library only):
 
@@ -66,6 +67,7 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 PACKAGE_FOLDER = "comfyui-lora-trainer"
 PACKAGE_PYTHON_MODULE = "custom_nodes." + PACKAGE_FOLDER
 PROBE_MODULE_FILE = "lora_trainer_it_probe.py"
+TINY_LOADERS_FOLDER = "lora_trainer_it_tiny_loaders"
 
 
 class PromptRejected(Exception):
@@ -113,6 +115,11 @@ def prepare_base_dir(base: Path, repo_root: Path = REPO_ROOT) -> Path:
         link.symlink_to(repo_root, target_is_directory=True)
     # test-only probe nodes (ITProbe*), see probe_nodes.py
     shutil.copyfile(Path(__file__).with_name("probe_nodes.py"), base / "custom_nodes" / PROBE_MODULE_FILE)
+    # test-only tiny Flux MODEL/CLIP/VAE loaders (ITTinyFlux*), see tiny_loaders/__init__.py; linked, since they
+    # import comfy_tiny from beside them
+    tiny = base / "custom_nodes" / TINY_LOADERS_FOLDER
+    if not tiny.exists():
+        tiny.symlink_to(Path(__file__).with_name("tiny_loaders"), target_is_directory=True)
     return base
 
 

@@ -5,7 +5,7 @@
 
 and the thumbnails from screenshots of the loaded examples (browser/user_check.mjs with examplesOnly):
 
-    python tests/integration/make_example_workflows.py thumbnails /path/to/screenshots
+    python tests/integration/make_example_workflows.py thumbnails /path/to/screenshots [NAME ...]
 
 The integration test tests/integration/test_workflows_examples.py converts and queues each file.
 """
@@ -18,17 +18,31 @@ from pathlib import Path
 
 from workflow_api import widget_inputs
 
+from comfyui_lora_trainer.nodes.train import FROM_MODEL_INPUT  # Train LoRA's entry for the graph's MODEL
+
 OUT = Path(__file__).resolve().parents[2] / "example_workflows"
 
 SD15 = "v1-5-pruned-emaonly-fp16.safetensors"
 SDXL = "sd_xl_base_1.0.safetensors"
+# Flux.1 dev as ComfyUI's own Flux templates load it (comfyui-workflow-templates' flux_dev_full_text_to_image)
+FLUX_DEV, CLIP_L, T5XXL, FLUX_VAE = ("flux1-dev.safetensors", "clip_l.safetensors", "t5xxl_fp16.safetensors",
+                                     "ae.safetensors")
 # The frontend's template convention (node properties "models": name, url, directory): its missing-models
 # panel offers the download and files it under the right folder (for our Train LoRA too, which it does not know).
 MODELS = {
     SD15: "https://huggingface.co/Comfy-Org/stable-diffusion-v1-5-archive/resolve/main/v1-5-pruned-emaonly-fp16.safetensors",
     SDXL: "https://huggingface.co/stabilityai/stable-diffusion-xl-base-1.0/resolve/main/sd_xl_base_1.0.safetensors",
+    FLUX_DEV: "https://huggingface.co/Comfy-Org/flux1-dev/resolve/main/flux1-dev.safetensors",
+    CLIP_L: "https://huggingface.co/comfyanonymous/flux_text_encoders/resolve/main/clip_l.safetensors",
+    T5XXL: "https://huggingface.co/comfyanonymous/flux_text_encoders/resolve/main/t5xxl_fp16.safetensors",
+    FLUX_VAE: "https://huggingface.co/Comfy-Org/Lumina_Image_2.0_Repackaged/resolve/main/split_files/vae/ae.safetensors",
 }
-CHECKPOINT_WIDGETS = {"CheckpointLoaderSimple": "ckpt_name", "LoraTrainer_TrainLoRA": "checkpoint"}
+# The widgets that name a model file, and the models/ folder it goes in, per node type
+MODEL_WIDGETS = {
+    "CheckpointLoaderSimple": [("ckpt_name", "checkpoints")], "LoraTrainer_TrainLoRA": [("checkpoint", "checkpoints")],
+    "UNETLoader": [("unet_name", "diffusion_models")], "VAELoader": [("vae_name", "vae")],
+    "DualCLIPLoader": [("clip_name1", "text_encoders"), ("clip_name2", "text_encoders")],
+}
 # Load Dataset's bundled samples (nodes/dataset.py SAMPLE_DATASETS): the examples run before the user has data
 SHAPES, PATTERNS = "sample: shapes", "sample: patterns"
 
@@ -39,7 +53,8 @@ SIZES = {
     "LossGraphNode": (300, 300), "CheckpointLoaderSimple": (320, 100), "LoraTrainer_ApplyLoRA": (320, 170),
     "CLIPTextEncode": (400, 200), "EmptyLatentImage": (300, 110), "KSampler": (320, 270), "VAEDecode": (210, 50),
     "SaveImage": (320, 320), "LoraTrainer_TrainingOptions": (400, 2200), "LoraTrainer_MergeLoRAs": (300, 470),
-    "ImageBatch": (240, 50),
+    "ImageBatch": (240, 50), "UNETLoader": (320, 110), "DualCLIPLoader": (320, 160), "VAELoader": (320, 80),
+    "FluxGuidance": (320, 80), "ConditioningZeroOut": (240, 50), "EmptySD3LatentImage": (300, 110),
 }
 # Room kept below a node that grows once it has run: Load Dataset adds its report and its preview grid.
 GROWS = {"LoraTrainer_LoadDataset": 470}
@@ -55,8 +70,8 @@ def train_values(checkpoint, steps, resolution, rank, output_name, sample_every=
     return values
 
 
-def sampler(seed=7, steps=20, cfg=7.0):
-    return dict(seed=seed, steps=steps, cfg=cfg, sampler_name="euler", scheduler="normal", denoise=1.0)
+def sampler(seed=7, steps=20, cfg=7.0, scheduler="normal"):
+    return dict(seed=seed, steps=steps, cfg=cfg, sampler_name="euler", scheduler=scheduler, denoise=1.0)
 
 
 APPLY = dict(strength_model=1.0, strength_clip=1.0, lora_name="(none: use the lora input)")
@@ -104,6 +119,37 @@ WORKFLOWS = {
         ],
         "columns": [[1, 2], [5], [3], [4]],
         "links": [(1, 2, 2, "images"), (1, 0, 3, "dataset"), (3, 1, 4, "loss"), (5, 0, 3, "options")],
+    },
+    "train_flux": {
+        "title": "Train a LoRA on Flux.1 dev loaded by ComfyUI's own loaders (Train LoRA's checkpoint = "
+                 "(model input), model/clip/vae connected), then test it: Apply LoRA -> FluxGuidance -> KSampler",
+        "nodes": [
+            (1, "LoraTrainer_LoadDataset", dict(folder=SHAPES, resolution=512)),
+            (2, "PreviewImage", {}),
+            (3, "UNETLoader", dict(unet_name=FLUX_DEV, weight_dtype="default")),
+            (4, "DualCLIPLoader", dict(clip_name1=CLIP_L, clip_name2=T5XXL, type="flux", device="default")),
+            (5, "VAELoader", dict(vae_name=FLUX_VAE)),
+            (6, "LoraTrainer_TrainLoRA", train_values(FROM_MODEL_INPUT, 1000, 512, 16, "my_flux_lora", 250,
+                                                      "shapetoy, a red circle on a white background",
+                                                      gradient_checkpointing=True, save_every=250)),
+            (7, "LossGraphNode", dict(filename_prefix="flux_loss_graph")),
+            (8, "LoraTrainer_ApplyLoRA", dict(APPLY)),
+            (9, "CLIPTextEncode", dict(text="shapetoy, a blue circle on a white background")),
+            (10, "FluxGuidance", dict(guidance=3.5)),
+            (11, "ConditioningZeroOut", {}),
+            (12, "EmptySD3LatentImage", dict(width=1024, height=1024, batch_size=1)),
+            (13, "KSampler", sampler(cfg=1.0, scheduler="simple")),
+            (14, "VAEDecode", {}),
+            (15, "SaveImage", dict(filename_prefix="flux_lora_test")),
+        ],
+        "columns": [[1, 2], [3, 4, 5], [6], [7, 8], [9, 10, 11, 12], [13], [14, 15]],
+        "links": [
+            (1, 2, 2, "images"), (1, 0, 6, "dataset"), (3, 0, 6, "model"), (4, 0, 6, "clip"), (5, 0, 6, "vae"),
+            (6, 1, 7, "loss"), (3, 0, 8, "model"), (4, 0, 8, "clip"), (6, 0, 8, "lora"), (8, 1, 9, "clip"),
+            (9, 0, 10, "conditioning"), (9, 0, 11, "conditioning"), (8, 0, 13, "model"), (10, 0, 13, "positive"),
+            (11, 0, 13, "negative"), (12, 0, 13, "latent_image"), (13, 0, 14, "samples"), (5, 0, 14, "vae"),
+            (14, 0, 15, "images"),
+        ],
     },
     "merge_and_compare": {
         "title": "Merge two LoRAs and compare: each alone and the merge, same seed, one image row",
@@ -197,9 +243,10 @@ def build(spec: dict, object_info: dict) -> dict:
             "order": order, "mode": 0, "inputs": sockets, "outputs": outputs,
             "properties": {"Node name for S&R": kind}, "widgets_values": values,
         }
-        if kind in CHECKPOINT_WIDGETS:
-            name = widgets[CHECKPOINT_WIDGETS[kind]]
-            nodes[node_id]["properties"]["models"] = [{"name": name, "url": MODELS[name], "directory": "checkpoints"}]
+        models = [{"name": widgets[name], "url": MODELS[widgets[name]], "directory": directory}
+                  for name, directory in MODEL_WIDGETS.get(kind, []) if widgets[name] != FROM_MODEL_INPUT]
+        if models:
+            nodes[node_id]["properties"]["models"] = models
     for link_id, (src, slot, dst, name) in enumerate(spec["links"], 1):
         source, target = nodes[src], nodes[dst]
         socket = next((s for s in target["inputs"] if s["name"] == name), None)
@@ -214,12 +261,15 @@ def build(spec: dict, object_info: dict) -> dict:
     }
 
 
-def thumbnails(screenshots: str, width: int = 640) -> None:
+def thumbnails(screenshots: str, names: list[str] | None = None, width: int = 640) -> None:
     """example_workflows/<name>.jpg (the template browser's thumbnails) from browser/user_check.mjs's screenshots
-    of each loaded example (run with examplesOnly): the graph's part of the page, trimmed, small JPEGs."""
+    of each loaded example (run with examplesOnly): the graph's part of the page, trimmed, small JPEGs. Every
+    example, or only ``names``."""
     from PIL import Image
 
     for path in sorted(OUT.glob("*.json")):
+        if names and path.stem not in names:
+            continue
         shot = Image.open(Path(screenshots) / f"{path.stem}.png").convert("RGB")
         w, h = shot.size
         canvas = shot.crop((70, 85, w, h - 90))  # without the side bar, the tab and menu bars, the canvas toolbar
@@ -245,6 +295,6 @@ def main(object_info_path: str) -> None:
 
 if __name__ == "__main__":
     if sys.argv[1] == "thumbnails":
-        thumbnails(sys.argv[2])
+        thumbnails(sys.argv[2], sys.argv[3:])
     else:
         main(sys.argv[1])

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from make_example_workflows import FROM_MODEL_INPUT, MODEL_WIDGETS
 from workflow_api import set_widget, ui_to_api, widget_inputs
 
 REPO = Path(__file__).resolve().parents[2]
@@ -20,6 +21,16 @@ def object_info(comfy):
 
 def load(name):
     return json.loads((EXAMPLES / f"{name}.json").read_text())
+
+
+def widget_value(node, name, object_info):
+    """A widget's value in a UI-format node (what set_widget sets)."""
+    position = 0
+    for widget, control in widget_inputs(object_info[node["type"]]):
+        if widget == name:
+            return node["widgets_values"][position]
+        position += 2 if control else 1
+    raise KeyError(f"{node['type']} has no widget {name}")
 
 
 def shrink(workflow, object_info, checkpoint, tag, **train):
@@ -38,7 +49,7 @@ def shrink(workflow, object_info, checkpoint, tag, **train):
             set_widget(workflow, nid, "output_name", f"{tag}_{name}", object_info)
         elif kind == "CheckpointLoaderSimple":
             set_widget(workflow, nid, "ckpt_name", checkpoint, object_info)
-        elif kind == "EmptyLatentImage":
+        elif kind in ("EmptyLatentImage", "EmptySD3LatentImage"):
             set_widget(workflow, nid, "width", 64, object_info)
             set_widget(workflow, nid, "height", 64, object_info)
         elif kind == "KSampler":
@@ -61,7 +72,9 @@ def test_examples_are_listed_and_convert(comfy, object_info):
 @pytest.mark.parametrize("name", sorted(p.stem for p in EXAMPLES.glob("*.json")))
 def test_examples_run_out_of_the_box(name, object_info):
     """Links join an output to an input of the same type; every dataset is one Load Dataset offers on a fresh
-    install; every checkpoint carries its download (the frontend's "models" convention)."""
+    install; every model file a node names (checkpoint, diffusion model, text encoders, VAE) carries its
+    download and folder (the frontend's "models" convention); a Train LoRA on "(model input)" has its model,
+    clip and vae connected."""
     workflow = load(name)
     nodes = {n["id"]: n for n in workflow["nodes"]}
     for link_id, src, slot, dst, dst_slot, kind in workflow["links"]:
@@ -74,10 +87,16 @@ def test_examples_run_out_of_the_box(name, object_info):
     for node in nodes.values():
         if node["type"] == "LoraTrainer_LoadDataset":
             assert node["widgets_values"][0] in offered, (name, node["widgets_values"][0], offered)
-        if node["type"] in ("LoraTrainer_TrainLoRA", "CheckpointLoaderSimple"):
-            (model,) = node["properties"]["models"]
-            assert model["name"] == node["widgets_values"][0] and model["directory"] == "checkpoints"
-            assert model["url"].startswith("https://") and model["url"].endswith(model["name"])
+        named = [(widget_value(node, widget, object_info), directory)
+                 for widget, directory in MODEL_WIDGETS.get(node["type"], [])]
+        files = [(file, directory) for file, directory in named if file != FROM_MODEL_INPUT]
+        models = node["properties"].get("models", [])
+        assert [(m["name"], m["directory"]) for m in models] == files, (name, node["type"], models)
+        for model in models:
+            assert model["url"].startswith("https://") and model["url"].endswith("/" + model["name"]), model
+        if (FROM_MODEL_INPUT, "checkpoints") in named:
+            linked = {s["name"] for s in node["inputs"] if s["link"] is not None}
+            assert {"model", "clip", "vae"} <= linked, (name, node["id"], linked)
 
 
 def test_train_and_test_sd15(comfy, comfy_base_dir, object_info, sd15_checkpoint):
@@ -132,6 +151,65 @@ def test_train_sdxl(comfy, comfy_base_dir, object_info):
         meta = f.metadata()
     assert meta["ss_lr_scheduler"] == "cosine" and float(meta["ss_min_snr_gamma"]) == 5.0
     assert float(meta["ss_noise_offset"]) == pytest.approx(0.0357)
+
+
+def tiny_flux_loaders(prompt: dict, unet_name: str) -> dict:
+    """An API prompt of train_flux with its three loaders giving the tiny Flux of tiny_loaders/ (test-only nodes):
+    Load Diffusion Model reads the tiny file itself where this ComfyUI's detection reads its sizes (0.33), else
+    ITTinyFluxModel loads it (0.3.64); the CLIP and VAE are the stand-ins. Node ids and links stay."""
+    import tiny_loaders
+
+    for node in prompt.values():
+        if node["class_type"] == "UNETLoader":
+            if not tiny_loaders.unet_loader_reads_tiny_flux():
+                node["class_type"], node["inputs"] = "ITTinyFluxModel", {}
+            node["inputs"]["unet_name"] = unet_name
+        elif node["class_type"] == "DualCLIPLoader":
+            node["class_type"], node["inputs"] = "ITTinyFluxClip", {}
+        elif node["class_type"] == "VAELoader":
+            node["class_type"], node["inputs"] = "ITTinyFluxVae", {}
+    return prompt
+
+
+def test_train_flux(comfy, comfy_base_dir, comfy_lib, object_info):
+    """train_flux as shipped but for the three loaders (a tiny Flux.1 dev: see tiny_flux_loaders) and CPU sizes:
+    Train LoRA trains the graph's MODEL, writes a Flux LoRA, and Apply LoRA puts every module of it on the model
+    the sampling branch (FluxGuidance, KSampler cfg 1, VAE Decode, Save Image) runs."""
+    import tiny_loaders
+    from safetensors import safe_open
+
+    unet = tiny_loaders.write_tiny_flux(comfy_base_dir / "models" / "diffusion_models")
+    workflow = shrink(load("train_flux"), object_info, FROM_MODEL_INPUT, "ex4", steps=4, sample_every=2,
+                      sample_prompt="a red circle", save_every=2, gradient_checkpointing=True)
+    prompt = tiny_flux_loaders(ui_to_api(workflow, object_info), unet)
+    apply = next(k for k, n in prompt.items() if n["class_type"] == "LoraTrainer_ApplyLoRA")
+    probe_id, probe = comfy.probe_model([apply, 0])
+    prompt[probe_id] = probe
+    mark = comfy.log_mark()
+    entry = comfy.run(prompt, timeout=600)
+    log = comfy.log_text(since=mark)
+    assert "lora key not loaded" not in log and "NOT LOADED" not in log, log[-3000:]
+
+    loras = comfy_base_dir / "models" / "loras"
+    path = loras / "ex4_my_flux_lora.safetensors"
+    assert path.is_file() and (loras / "ex4_my_flux_lora_step2.safetensors").is_file()
+    with safe_open(str(path), framework="pt") as f:
+        meta, keys = f.metadata(), list(f.keys())
+    assert meta["modelspec.architecture"] == "flux-1-dev/lora" and meta["ss_network_dim"] == "4"
+    modules = {k.split(".")[0] for k in keys}
+    assert modules and all(m.startswith("lora_unet_") for m in modules), sorted(modules)[:5]
+    # Apply LoRA patched ComfyUI's Flux with every module the file holds
+    seen = comfy.probe_result(entry, probe_id)
+    assert seen["config_class"] == "Flux" and seen["model_patches"] == len(modules), (seen["model_patches"], len(modules))
+
+    outputs = entry["outputs"]
+    assert outputs["15"]["images"], "the sampling branch after training saved no image"
+    assert outputs["7"]["images"], "core Plot Loss Graph did not accept the LOSS_MAP"
+    runs = comfy.get_json("/loratrainer/runs")["runs"]
+    run = next(r for r in reversed(runs) if r["name"] == "ex4_my_flux_lora")
+    record = comfy.get_json(f"/api/loratrainer/runs/{run['run_id']}")
+    assert record["status"] == "done" and len(record["losses"]) == 4 and record["node"] == "6"
+    assert [s["step"] for s in record["samples"]] == [0, 2, 4]
 
 
 def test_merge_and_compare(comfy, comfy_base_dir, object_info, sd15_checkpoint):

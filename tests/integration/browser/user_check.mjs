@@ -5,8 +5,11 @@
 //   2. a training queued with the real Run button: chart points and a sample image arrive;
 //   3. a second, longer training stopped with the real Cancel button: the _interrupted_ LoRA appears in the
 //      LoRA list of an Apply LoRA node already on the canvas;
-//   4. a second workflow loaded afterwards: its Train LoRA node shows no run.
-// Usage: node user_check.mjs '<json: {url, folder, examples, checkpoint, outDir}>'
+//   4. a second workflow loaded afterwards: its Train LoRA node shows no run;
+//   5. train_flux with its three loaders swapped (through the graph API) for the tiny Flux ones of the test-only
+//      tiny_loaders pack (or Load Diffusion Model kept, on the tiny file, where this ComfyUI reads its sizes),
+//      queued with the real Run button: the training's chart and sample arrive and the whole prompt finishes.
+// Usage: node user_check.mjs '<json: {url, folder, examples, checkpoint, outDir, flux: {unet, modelNode}}>'
 // Prints one JSON line (prefixed RESULT) with everything seen. Needs playwright-core on NODE_PATH and CHROMIUM.
 import { createRequire } from "node:module";
 import path from "node:path";
@@ -120,7 +123,7 @@ async function modelPanel() {
     await page.waitForTimeout(1000);
   }
   const lines = await page.evaluate(() =>
-    document.body.innerText.split("\n").map((l) => l.trim()).filter((l) => /safetensors|checkpoints|unknown/i.test(l)),
+    document.body.innerText.split("\n").map((l) => l.trim()).filter((l) => /safetensors|checkpoints|diffusion_models|text_encoders|\bvae\b|unknown/i.test(l)),
   );
   await page.screenshot({ path: path.join(cfg.outDir, `models-${result.steps.length}.png`) });
   return lines;
@@ -173,6 +176,59 @@ function setWidgets(values) {
     },
     { values, TRAIN },
   );
+}
+
+/** Replace each loader of train_flux by the tiny one (same place, same outgoing links), through the graph API. */
+function swapLoaders({ unet, modelNode }) {
+  return page.evaluate(
+    ({ unet, modelNode }) => {
+      const { app, LiteGraph } = window;
+      const graph = app.graph;
+      const nodes = () => graph._nodes ?? graph.nodes;
+      const linkById = (id) => (graph.links instanceof Map ? graph.links.get(id) : graph.links[id]);
+      const swap = (type, newType, widgets) => {
+        const old = nodes().find((n) => n.type === type);
+        if (!old) throw new Error(`train_flux has no ${type}`);
+        const node = LiteGraph.createNode(newType);
+        if (!node) throw new Error(`node type ${newType} is not registered (tiny_loaders pack missing?)`);
+        node.pos = [...old.pos];
+        graph.add(node);
+        for (const [name, value] of Object.entries(widgets)) node.widgets.find((w) => w.name === name).value = value;
+        const targets = (old.outputs[0].links ?? []).map(linkById).map((l) => [l.target_id, l.target_slot]);
+        for (const [id, slot] of targets) node.connect(0, graph.getNodeById(id), slot);
+        graph.remove(old);
+      };
+      if (modelNode === "UNETLoader") {
+        nodes().find((n) => n.type === "UNETLoader").widgets.find((w) => w.name === "unet_name").value = unet;
+      } else {
+        swap("UNETLoader", modelNode, { unet_name: unet });
+      }
+      swap("DualCLIPLoader", "ITTinyFluxClip", {});
+      swap("VAELoader", "ITTinyFluxVae", {});
+      app.canvas.setDirty(true, true);
+    },
+    { unet, modelNode },
+  );
+}
+
+const widgetOf = (id, name) =>
+  page.evaluate(({ id, name }) => window.app.graph.getNodeById(Number(id)).widgets.find((w) => w.name === name).value, { id, name });
+
+/** Once the queue is empty: the newest prompt's status and the nodes that gave outputs (from /history). */
+async function lastPrompt(timeout) {
+  const deadline = Date.now() + timeout;
+  for (;;) {
+    const seen = await page.evaluate(async () => {
+      const queue = await (await fetch("/queue")).json();
+      if (queue.queue_running.length || queue.queue_pending.length) return null;
+      const history = await (await fetch("/history?max_items=1")).json();
+      const entry = Object.values(history)[0];
+      return { status: entry?.status?.status_str ?? null, outputs: Object.keys(entry?.outputs ?? {}) };
+    });
+    if (seen) return seen;
+    if (Date.now() > deadline) throw new Error(`the prompt is still queued or running after ${timeout} ms`);
+    await page.waitForTimeout(500);
+  }
 }
 
 async function clickRun() {
@@ -304,6 +360,28 @@ try {
     const other = await page.evaluate(() => String((window.app.graph._nodes ?? window.app.graph.nodes).find((n) => n.type === "LoraTrainer_TrainLoRA").id));
     result.secondWorkflow = { node: other, graphId: await page.evaluate(() => String(window.app.graph.id)), ...(await runOf(other)) };
     await screenshot(path.join(cfg.outDir, "second_workflow.png"));
+
+    if (cfg.flux) {
+      log("run train_flux on the tiny Flux loaders with the Run button");
+      await openPage();
+      await loadExample("train_flux");
+      await swapLoaders(cfg.flux);
+      const fluxId = await setWidgets({
+        LoraTrainer_LoadDataset: { resolution: 64 },
+        [TRAIN]: {
+          steps: 4, resolution: 64, rank: 4, precision: "fp32", gradient_checkpointing: false, sample_every: 2,
+          save_every: 0, output_name: "browser_flux", overwrite: true,
+        },
+        EmptySD3LatentImage: { width: 64, height: 64 },
+        KSampler: { steps: 2 },
+      });
+      const graph = await inspectGraph();
+      await dismiss();
+      await clickRun();
+      const run = await waitRun(fluxId, (s) => s.status === "done" && s.points >= 2 && s.sampleWidth > 0, 300_000);
+      result.flux = { ...run, checkpoint: await widgetOf(fluxId, "checkpoint"), graph, prompt: await lastPrompt(120_000) };
+      await screenshot(path.join(cfg.outDir, "run_train_flux.png"));
+    }
   }
   result.ok = true;
 } catch (e) {
