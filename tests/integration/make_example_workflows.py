@@ -52,7 +52,7 @@ SIZES = {
     "LoraTrainer_LoadDataset": (300, 130), "PreviewImage": (300, 300), "LoraTrainer_TrainLoRA": (400, 760),
     "LossGraphNode": (300, 300), "CheckpointLoaderSimple": (320, 100), "LoraTrainer_ApplyLoRA": (320, 170),
     "CLIPTextEncode": (400, 200), "EmptyLatentImage": (300, 110), "KSampler": (320, 270), "VAEDecode": (210, 50),
-    "SaveImage": (320, 320), "LoraTrainer_TrainingOptions": (400, 2200), "LoraTrainer_MergeLoRAs": (300, 470),
+    "SaveImage": (320, 320), "LoraTrainer_TrainingOptions": (400, 2450), "LoraTrainer_MergeLoRAs": (300, 470),
     "ImageBatch": (240, 50), "UNETLoader": (320, 110), "DualCLIPLoader": (320, 160), "VAELoader": (320, 80),
     "FluxGuidance": (320, 80), "ConditioningZeroOut": (240, 50), "EmptySD3LatentImage": (300, 110),
 }
