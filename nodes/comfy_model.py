@@ -91,7 +91,7 @@ DIT_FAMILIES = MODEL_FAMILIES
 
 # families whose tiny models pass tests/integration/test_comfy_model_families.py (load, targets, forward, a
 # training step that lowers the loss, a written file ComfyUI loads with every key and the same outputs)
-TESTED = ("sd1", "flux-dev", "flux-schnell", "sd3", "sd3.5-medium", "chroma", "lumina2", "qwen-image")
+TESTED = ("sd1", "sdxl", "flux-dev", "flux-schnell", "sd3", "sd3.5-medium", "chroma", "lumina2", "qwen-image")
 
 # ComfyUI's model config class (comfy/supported_models.py) -> family; SD3's variants by their MMDiT shape
 _CONFIG_FAMILY = {"SD15": "sd1", "SD20": "sd2", "SD21UnclipL": None, "SDXL": "sdxl", "SD3": "sd3",
@@ -194,6 +194,9 @@ class TextConditioning:
 PREDICTION_TYPES = {"eps": "epsilon", "v": "v_prediction", "flow": "flow"}
 # our sample samplers (TrainConfig.sample_sampler) -> ComfyUI's KSampler names
 COMFY_SAMPLERS = {"euler": "euler", "euler_a": "euler_ancestral", "ddim": "ddim", "dpm++": "dpmpp_2m"}
+# SDXL's size conditioning as ComfyUI's SDXL.encode_adm (and CLIPTextEncodeSDXL) names it, in the loop's
+# time-ids order: original height, width, crop top, left, target height, width
+SDXL_SIZE_KEYS = ("height", "width", "crop_h", "crop_w", "target_height", "target_width")
 # the distilled guidance Flux.1 dev samples with (ComfyUI's FluxGuidance default)
 SAMPLE_GUIDANCE = {"flux-dev": 3.5}
 
@@ -422,15 +425,16 @@ class ComfyBaseModel:
     def encode_captions(self, captions: list[str]) -> list:
         return self.encode_text(captions)
 
-    def predict(self, noisy: torch.Tensor, timesteps: torch.Tensor, conditionings: list) -> torch.Tensor:
+    def predict(self, noisy: torch.Tensor, timesteps: torch.Tensor, conditionings: list,
+                sizes: torch.Tensor | None = None) -> torch.Tensor:
         """The loop's noisy latent -> the model's output. Flow models: ``timesteps`` are the noise levels and the
         input is already ComfyUI's. eps/v models: DDPM timesteps, and the DDPM input ``x_t`` becomes ComfyUI's
         ``x0 + sigma * noise`` (``x_t * sqrt(1 + sigma^2)``), which apply_model scales back."""
         if self.parameterisation == "flow":
-            return self.forward(noisy, timesteps.float(), conditionings)
+            return self.forward(noisy, timesteps.float(), conditionings, sizes)
         sigma = self.sigmas_of_timesteps(timesteps.cpu()).to(noisy.device, torch.float32)
         scale = torch.sqrt(1.0 + sigma ** 2).view(-1, *([1] * (noisy.dim() - 1)))
-        return self.forward((noisy.float() * scale).to(noisy.dtype), sigma, conditionings)
+        return self.forward((noisy.float() * scale).to(noisy.dtype), sigma, conditionings, sizes)
 
     def adapter_tensors(self) -> dict:
         from ..training.formats.export import export_diffusion_model
@@ -521,17 +525,19 @@ class ComfyBaseModel:
         return self.model_sampling.sigma(timesteps.float())
 
     # -- forward --------------------------------------------------------------------------------------
-    def forward(self, noisy: torch.Tensor, sigma: torch.Tensor, conditioning) -> torch.Tensor:
+    def forward(self, noisy: torch.Tensor, sigma: torch.Tensor, conditioning, sizes=None) -> torch.Tensor:
         """The diffusion model's output in its own parameterisation (eps, v or the flow velocity) for
         ``noisy`` (as :meth:`noisy_input` makes it) at noise levels ``sigma`` [B], through ComfyUI's
         ``extra_conds`` and ``apply_model`` with the graph's transformer options. ``conditioning``: one
-        :class:`TextConditioning` for the batch, or one per sample. Gradients flow to the adapters."""
+        :class:`TextConditioning` for the batch, or one per sample; ``sizes``: [B, 6] (original height, width,
+        crop top, left, target height, width), SDXL's size conditioning (ComfyUI's defaults without it).
+        Gradients flow to the adapters."""
         n = noisy.shape[0]
         conds = list(conditioning) if isinstance(conditioning, (list, tuple)) else [conditioning] * n
         if len(conds) != n:
             raise ValueError(f"{len(conds)} conditionings for a batch of {n}")
         sigma = sigma.reshape(-1).to(noisy.device, torch.float32)
-        model_conds = self._model_conds(noisy, conds)
+        model_conds = self._model_conds(noisy, conds, sizes)
 
         # the diffusion model's own return value, before apply_model turns it into a denoised latent; a
         # forward hook sees it for every family (not all of them run DIFFUSION_MODEL wrappers)
@@ -562,7 +568,7 @@ class ComfyBaseModel:
         options["sigmas"] = sigma
         return options
 
-    def _model_conds(self, noisy: torch.Tensor, conds: list[TextConditioning]) -> dict:
+    def _model_conds(self, noisy: torch.Tensor, conds: list[TextConditioning], sizes=None) -> dict:
         """``extra_conds`` per sample (as the sampler's ``encode_model_conds``), batched by ComfyUI's own
         cond classes (``process_cond`` + ``concat``; cross-attention of different lengths padded by repeat)."""
         device = noisy.device
@@ -572,6 +578,8 @@ class ComfyBaseModel:
             kwargs.update(cross_attn=c.cond, noise=noisy[i:i + 1], latent_image=noisy[i:i + 1], device=device)
             if self.guidance is not None:
                 kwargs["guidance"] = self.guidance
+            if sizes is not None and self.family == "sdxl":  # what SDXL's encode_adm reads
+                kwargs.update(zip(SDXL_SIZE_KEYS, (int(v) for v in sizes[i].tolist())))
             per_sample.append(self.base.extra_conds(**kwargs))
         out = {}
         for key in per_sample[0]:

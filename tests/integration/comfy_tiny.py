@@ -22,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import inspect
+import logging
 from dataclasses import dataclass, field
 
 import torch
@@ -275,3 +276,48 @@ class StandInVae:
         inverse = torch.linalg.pinv(self.first_stage_model.weight.float())
         patches = (latent.permute(0, 2, 3, 1).float() @ inverse.T).reshape(b, h, w, 8, 8, 3)
         return patches.permute(0, 1, 3, 2, 4, 5).reshape(b, h * 8, w * 8, 3).clamp(0, 1)
+
+
+@contextlib.contextmanager
+def unloaded_lora_keys():
+    """Yields a list that collects what ComfyUI's LoRA loading logs as not loaded ("lora key not loaded: ...",
+    "... NOT LOADED") while the block runs."""
+    found: list[str] = []
+
+    class Collect(logging.Handler):
+        def emit(self, record):
+            message = record.getMessage()
+            if "lora key not loaded" in message or "NOT LOADED" in message:
+                found.append(message)
+
+    handler = Collect(logging.WARNING)
+    logging.getLogger().addHandler(handler)
+    try:
+        yield found
+    finally:
+        logging.getLogger().removeHandler(handler)
+
+
+def sdxl_patcher(seed: int = 0):
+    """A tiny SDXL as ComfyUI holds one: its own SDXL model config (comfy.supported_models.SDXL) and BaseModel
+    (comfy.model_base.SDXL: eps, the size-conditioned ADM vector) around a 2-level UNet with seeded random
+    weights, in a ModelPatcher on the CPU. ComfyUI's detection would not name a UNet this small SDXL (it matches
+    the full model's 320 channels and 2048-wide context), so the config class is picked here; everything after
+    is ComfyUI's. Reads a CONTEXT_DIM-wide context and a POOLED_DIM pooled vector (StandInClip)."""
+    import comfy.model_patcher
+    import comfy.supported_models
+
+    unet_config = {
+        "use_checkpoint": False, "image_size": 32, "in_channels": 4, "out_channels": 4, "model_channels": 32,
+        "num_res_blocks": [1, 1], "channel_mult": [1, 2], "transformer_depth": [0, 1], "transformer_depth_output":
+        [0, 0, 1, 1], "transformer_depth_middle": 1, "use_linear_in_transformer": True, "context_dim": CONTEXT_DIM,
+        "num_head_channels": 16, "adm_in_channels": POOLED_DIM + 6 * 256, "num_classes": "sequential",
+        "use_spatial_transformer": True, "legacy": False, "use_temporal_attention": False,
+        "use_temporal_resblock": False,
+    }
+    config = comfy.supported_models.SDXL(unet_config)
+    config.set_inference_dtype(torch.float32, None)
+    model = config.get_model({}, "")
+    state = _randomize(model.diffusion_model, seed)
+    model.diffusion_model.load_state_dict(state)
+    return comfy.model_patcher.ModelPatcher(model, load_device=torch.device("cpu"), offload_device=torch.device("cpu"))

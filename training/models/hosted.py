@@ -47,9 +47,12 @@ class HostedModel(Protocol):
     def encode_captions(self, captions: list[str]) -> list:
         """One conditioning per caption, opaque to the loop (kept on the CPU, cached per caption)."""
 
-    def predict(self, noisy: torch.Tensor, timesteps: torch.Tensor, conditionings: list) -> torch.Tensor:
+    def predict(self, noisy: torch.Tensor, timesteps: torch.Tensor, conditionings: list,
+                sizes: torch.Tensor | None = None) -> torch.Tensor:
         """The denoiser's output in the model's parameterisation for ``noisy`` as ``loss.Objective.noisy``
-        makes it (DDPM timesteps, or flow noise levels sigma in [0, 1]); gradients flow to the adapters."""
+        makes it (DDPM timesteps, or flow noise levels sigma in [0, 1]); gradients flow to the adapters.
+        ``sizes``: [B, 6] (original height, width, crop top, left, target height, width) per sample, for
+        models conditioned on them (SDXL)."""
 
     def adapter_tensors(self) -> dict:
         """The trained adapters as a kohya LoRA's tensors (formats/export.py ``export_diffusion_model``)."""

@@ -65,7 +65,7 @@ def predict(base: BaseModel, unet, noisy, timesteps, hidden, pooled, time_ids, d
     """The denoiser's output for a batch. SDXL also takes the pooled text embedding and the size/crop ids; a
     hosted model takes its own conditionings (``hidden``: one per sample) and runs its own forward."""
     if is_hosted(base):
-        return base.predict(noisy, timesteps, hidden)
+        return base.predict(noisy, timesteps, hidden, time_ids)
     added = None
     if base.family == "sdxl":
         added = {"text_embeds": pooled.to(device, dtype), "time_ids": time_ids.to(device, dtype)}
