@@ -129,8 +129,8 @@ def check_tested(model) -> str:
         what = FAMILIES[family].label if family in FAMILIES else f"a {config_name} model"
         raise NodeError(
             f"training on {what} is not tested yet, so it is refused rather than trained possibly wrong; "
-            f"tested on ComfyUI's models: {tested_families_text()} (SD1.x/SD2.x/SDXL train from a checkpoint "
-            "file with the Checkpoint input)")
+            f"tested on ComfyUI's models: {tested_families_text()} (SD2.x trains from its checkpoint file: "
+            "disconnect the model input and pick the file in the checkpoint list)")
     return family
 
 
