@@ -91,7 +91,8 @@ DIT_FAMILIES = MODEL_FAMILIES
 
 # families whose tiny models pass tests/integration/test_comfy_model_families.py (load, targets, forward, a
 # training step that lowers the loss, a written file ComfyUI loads with every key and the same outputs)
-TESTED = ("sd1", "sdxl", "flux-dev", "flux-schnell", "sd3", "sd3.5-medium", "chroma", "lumina2", "qwen-image")
+TESTED = ("sd1", "sd2", "sd2-v", "sdxl", "flux-dev", "flux-schnell", "sd3", "sd3.5-medium", "chroma", "lumina2",
+          "qwen-image")
 
 # ComfyUI's model config class (comfy/supported_models.py) -> family; SD3's variants by their MMDiT shape
 _CONFIG_FAMILY = {"SD15": "sd1", "SD20": "sd2", "SD21UnclipL": None, "SDXL": "sdxl", "SD3": "sd3",
@@ -129,8 +130,7 @@ def check_tested(model) -> str:
         what = FAMILIES[family].label if family in FAMILIES else f"a {config_name} model"
         raise NodeError(
             f"training on {what} is not tested yet, so it is refused rather than trained possibly wrong; "
-            f"tested on ComfyUI's models: {tested_families_text()} (SD2.x trains from its checkpoint file: "
-            "disconnect the model input and pick the file in the checkpoint list)")
+            f"tested on ComfyUI's models: {tested_families_text()}")
     return family
 
 

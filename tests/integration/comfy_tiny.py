@@ -298,26 +298,39 @@ def unloaded_lora_keys():
         logging.getLogger().removeHandler(handler)
 
 
-def sdxl_patcher(seed: int = 0):
-    """A tiny SDXL as ComfyUI holds one: its own SDXL model config (comfy.supported_models.SDXL) and BaseModel
-    (comfy.model_base.SDXL: eps, the size-conditioned ADM vector) around a 2-level UNet with seeded random
-    weights, in a ModelPatcher on the CPU. ComfyUI's detection would not name a UNet this small SDXL (it matches
-    the full model's 320 channels and 2048-wide context), so the config class is picked here; everything after
-    is ComfyUI's. Reads a CONTEXT_DIM-wide context and a POOLED_DIM pooled vector (StandInClip)."""
+def _unet_patcher(config_class: str, unet_config: dict, seed: int, state_dict_hint: dict | None = None):
+    """A tiny UNet model as ComfyUI holds one: its own model config class (``comfy.supported_models``) and
+    BaseModel around a 2-level UNet with seeded random weights, in a ModelPatcher on the CPU. ComfyUI's detection
+    would not name a UNet this small (it matches the full models' channel counts and context widths), so the
+    config class is picked here; everything after is ComfyUI's (``state_dict_hint``: the keys its
+    ``model_type`` reads to choose eps or v)."""
     import comfy.model_patcher
     import comfy.supported_models
 
-    unet_config = {
-        "use_checkpoint": False, "image_size": 32, "in_channels": 4, "out_channels": 4, "model_channels": 32,
-        "num_res_blocks": [1, 1], "channel_mult": [1, 2], "transformer_depth": [0, 1], "transformer_depth_output":
-        [0, 0, 1, 1], "transformer_depth_middle": 1, "use_linear_in_transformer": True, "context_dim": CONTEXT_DIM,
-        "num_head_channels": 16, "adm_in_channels": POOLED_DIM + 6 * 256, "num_classes": "sequential",
+    base = {
+        "use_checkpoint": False, "image_size": 32, "in_channels": 4, "out_channels": 4, "num_res_blocks": [1, 1],
+        "channel_mult": [1, 2], "transformer_depth": [0, 1], "transformer_depth_output": [0, 0, 1, 1],
+        "transformer_depth_middle": 1, "use_linear_in_transformer": True, "context_dim": CONTEXT_DIM,
         "use_spatial_transformer": True, "legacy": False, "use_temporal_attention": False,
         "use_temporal_resblock": False,
     }
-    config = comfy.supported_models.SDXL(unet_config)
+    config = getattr(comfy.supported_models, config_class)({**base, **unet_config})
     config.set_inference_dtype(torch.float32, None)
-    model = config.get_model({}, "")
-    state = _randomize(model.diffusion_model, seed)
-    model.diffusion_model.load_state_dict(state)
+    model = config.get_model(state_dict_hint or {}, "")
+    model.diffusion_model.load_state_dict(_randomize(model.diffusion_model, seed))
     return comfy.model_patcher.ModelPatcher(model, load_device=torch.device("cpu"), offload_device=torch.device("cpu"))
+
+
+def sdxl_patcher(seed: int = 0):
+    """A tiny SDXL (comfy.supported_models.SDXL / comfy.model_base.SDXL: eps, the size-conditioned ADM vector);
+    reads a CONTEXT_DIM-wide context and a POOLED_DIM pooled vector (StandInClip)."""
+    return _unet_patcher("SDXL", {"model_channels": 32, "num_head_channels": 16, "num_classes": "sequential",
+                                  "adm_in_channels": POOLED_DIM + 6 * 256}, seed)
+
+
+def sd2_patcher(v_prediction: bool, seed: int = 0):
+    """A tiny SD2.x (comfy.supported_models.SD20), v-prediction (SD2.x 768-v) or eps (512-base), as ComfyUI's
+    own SD20.model_type picks it: from the spread of the last output block's norm bias (given here)."""
+    hint = {"output_blocks.11.1.transformer_blocks.0.norm1.bias": torch.linspace(-1, 1, 8) if v_prediction
+            else torch.zeros(8)}
+    return _unet_patcher("SD20", {"model_channels": 64}, seed, hint)

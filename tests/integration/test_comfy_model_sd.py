@@ -88,26 +88,39 @@ def test_sd15_model_input_trains_in_place_and_round_trips(comfy_lib, sd15_file, 
     sys.stderr.write(f"\n[comfy_model] sd1: {after / before:.3f}, {diff:.2e}, {len(patched.patches)}/{len(modules)}\n")
 
 
-def test_sdxl_model_input_trains_with_its_size_conditioning_and_round_trips(comfy_lib, tmp_path):
-    """SDXL through the model input: ComfyUI's own SDXL model (a tiny UNet in comfy.supported_models.SDXL /
-    comfy.model_base.SDXL, comfy_tiny.sdxl_patcher) trains with each sample's original size and crop in its ADM
-    vector, as kohya trains SDXL, and the file (kohya's SDXL names: the LDM paths) loads back through ComfyUI's
-    LoRA loader with every key and the trained model's output."""
+UNET_FAMILIES = {  # family -> (the tiny model in ComfyUI's own classes, a kohya name its file has, ss_base_model_version)
+    "sdxl": (lambda tiny: tiny.sdxl_patcher(), "lora_unet_input_blocks_3_1_transformer_blocks_0_attn1_to_q",
+             "sdxl_base_v1-0"),  # kohya's SDXL names are the LDM paths
+    "sd2": (lambda tiny: tiny.sd2_patcher(v_prediction=False),
+            "lora_unet_down_blocks_1_attentions_0_transformer_blocks_0_attn1_to_q", "sd_v2"),
+    "sd2-v": (lambda tiny: tiny.sd2_patcher(v_prediction=True),
+              "lora_unet_up_blocks_0_attentions_1_transformer_blocks_0_attn2_to_v", "sd_v2_v"),
+}
+
+
+@pytest.mark.parametrize("family", list(UNET_FAMILIES))
+def test_unet_model_input_trains_in_its_parameterisation_and_round_trips(comfy_lib, tmp_path, family):
+    """SDXL and SD2.x (eps and v) through the model input: ComfyUI's own model classes around a tiny UNet
+    (comfy_tiny: comfy.supported_models.SDXL / SD20 and their BaseModels) train in their parameterisation (v
+    for 768-v), SDXL with each sample's original size and crop in its ADM vector as kohya trains it; the file
+    (kohya's names) loads back through ComfyUI's LoRA loader with every key and the trained model's output."""
     import comfy_tiny
 
     from comfyui_lora_trainer.nodes.host import ComfyHost
     from comfyui_lora_trainer.training.config import TrainConfig
     from comfyui_lora_trainer.training.loop import train
 
-    tiny = comfy_tiny.TinyModel("sdxl", {}, {}, None, pooled=True)
+    make, name, version = UNET_FAMILIES[family]
+    tiny = comfy_tiny.TinyModel(family, {}, {}, None, pooled=family == "sdxl")
     with torch.inference_mode():
-        patcher = comfy_tiny.sdxl_patcher()
+        patcher = make(comfy_tiny)
     provider = ComfyHost().base_model(patcher, comfy_tiny.StandInClip(tiny), comfy_tiny.StandInVae(4))
-    assert provider.family == "sdxl" and provider.prediction_type == "epsilon"
+    assert provider.family == family
+    assert provider.prediction_type == ("v_prediction" if family == "sd2-v" else "epsilon")
     targets = provider.adapter_targets("attention_ff")
     dataset = str(Path(__file__).resolve().parents[2] / "training" / "sample_dataset")
-    config = TrainConfig(dataset=dataset, output_dir=str(tmp_path), output_name="sdxl_model_input", steps=20, rank=4,
-                         alpha=4.0, learning_rate=1e-2, resolution=64, batch_size=2, seed=0, device="cpu",
+    config = TrainConfig(dataset=dataset, output_dir=str(tmp_path), output_name=f"{family}_model_input", steps=20,
+                         rank=4, alpha=4.0, learning_rate=1e-2, resolution=64, batch_size=2, seed=0, device="cpu",
                          precision="fp32", target="attention_ff", validation_dataset=dataset,
                          validate_every_n_steps=20)
     with torch.inference_mode():
@@ -117,9 +130,8 @@ def test_sdxl_model_input_trains_with_its_size_conditioning_and_round_trips(comf
 
     lora, metadata = comfy_lib.utils.load_torch_file(result.path, safe_load=True, return_metadata=True)
     modules = {k.split(".")[0] for k in lora}
-    assert modules == {provider.lora_name(t) for t in targets}
-    assert "lora_unet_input_blocks_3_1_transformer_blocks_0_attn1_to_q" in modules  # kohya's SDXL (LDM) names
-    assert metadata["ss_base_model_version"] == "sdxl_base_v1-0"
+    assert modules == {provider.lora_name(t) for t in targets} and name in modules
+    assert metadata["ss_base_model_version"] == version
 
     g = torch.Generator().manual_seed(0)
     x = torch.randn(1, 4, 8, 8, generator=g)
@@ -129,11 +141,12 @@ def test_sdxl_model_input_trains_with_its_size_conditioning_and_round_trips(comf
     with torch.no_grad():
         trained = provider.forward(x, sigma, cond, sizes)
         other_size = provider.forward(x, sigma, cond, torch.tensor([[1024, 768, 32, 16, 64, 64]]))
-    assert float((trained - other_size).abs().max()) > 1e-4  # the size conditioning reaches the model
+    size_effect = float((trained - other_size).abs().max())
+    assert (size_effect > 1e-4) == (family == "sdxl")  # the size conditioning reaches SDXL, and only SDXL
     provider.release()
 
     with torch.inference_mode():
-        fresh = comfy_tiny.sdxl_patcher()
+        fresh = make(comfy_tiny)
     with comfy_tiny.unloaded_lora_keys() as not_loaded:
         patched, _ = comfy_lib.sd.load_lora_for_models(fresh, None, lora, 1.0, 0.0)
     assert not not_loaded, not_loaded[:5]
@@ -144,4 +157,5 @@ def test_sdxl_model_input_trains_with_its_size_conditioning_and_round_trips(comf
         loaded = comfy_provider.forward(x, sigma, cond, sizes)
     diff = float((trained - loaded).abs().max())
     assert diff < 1e-5, diff
-    sys.stderr.write(f"\n[comfy_model] sdxl: {after / before:.3f}, {diff:.2e}, {len(patched.patches)}/{len(modules)}\n")
+    sys.stderr.write(f"\n[comfy_model] {family}: {after / before:.3f}, {diff:.2e}, "
+                     f"{len(patched.patches)}/{len(modules)}\n")
