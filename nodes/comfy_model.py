@@ -79,8 +79,9 @@ FAMILIES: dict[str, Family] = {f.id: f for f in (
     Family("chroma", "Chroma", _FLUX_ATTN, _FLUX_FF, guidance=0.0),
     Family("lumina2", "Lumina Image 2.0", _LUMINA_BLOCK + r"attention\.(qkv|out)$",
            _LUMINA_BLOCK + r"feed_forward\.(w1|w2|w3)$", _LUMINA_BLOCK + r"adaLN_modulation\.1$"),
+    # Z-Image's blocks modulate through adaLN_modulation.0 (ComfyUI's z_image_modulation), Lumina2's through .1
     Family("z-image", "Z-Image", _LUMINA_BLOCK + r"attention\.(qkv|out)$",
-           _LUMINA_BLOCK + r"feed_forward\.(w1|w2|w3)$", _LUMINA_BLOCK + r"adaLN_modulation\.1$"),
+           _LUMINA_BLOCK + r"feed_forward\.(w1|w2|w3)$", _LUMINA_BLOCK + r"adaLN_modulation\.0$"),
     Family("qwen-image", "Qwen-Image",
            _QWEN_BLOCK + r"attn\.(to_q|to_k|to_v|to_out\.0|add_q_proj|add_k_proj|add_v_proj|to_add_out)$",
            _QWEN_BLOCK + r"(img|txt)_mlp\.net\.(0\.proj|2)$", _QWEN_BLOCK + r"(img|txt)_mod\.1$"),
@@ -92,7 +93,7 @@ DIT_FAMILIES = MODEL_FAMILIES
 # families whose tiny models pass tests/integration/test_comfy_model_families.py (load, targets, forward, a
 # training step that lowers the loss, a written file ComfyUI loads with every key and the same outputs)
 TESTED = ("sd1", "sd2", "sd2-v", "sdxl", "flux-dev", "flux-schnell", "sd3", "sd3.5-medium", "chroma", "lumina2",
-          "qwen-image")
+          "z-image", "qwen-image")
 
 # ComfyUI's model config class (comfy/supported_models.py) -> family; SD3's variants by their MMDiT shape
 _CONFIG_FAMILY = {"SD15": "sd1", "SD20": "sd2", "SD21UnclipL": None, "SDXL": "sdxl", "SD3": "sd3",
@@ -537,8 +538,20 @@ class ComfyBaseModel:
         if len(conds) != n:
             raise ValueError(f"{len(conds)} conditionings for a batch of {n}")
         sigma = sigma.reshape(-1).to(noisy.device, torch.float32)
-        model_conds = self._model_conds(noisy, conds, sizes)
+        groups = self._model_conds(noisy, conds, sizes)
+        if len(groups) == 1:
+            return self._apply(noisy, sigma, groups[0][1])
+        # samples whose conditionings ComfyUI cannot batch (e.g. captions of different token counts where the
+        # model reads them unpadded) run in their own apply_model calls, as the sampler would run them
+        outputs = [None] * n
+        for indices, model_conds in groups:
+            out = self._apply(noisy[indices], sigma[indices], model_conds)
+            for j, i in enumerate(indices):
+                outputs[i] = out[j:j + 1]
+        return torch.cat(outputs)
 
+    def _apply(self, noisy: torch.Tensor, sigma: torch.Tensor, model_conds: dict) -> torch.Tensor:
+        """One apply_model call on a batch whose conditionings ComfyUI batched; the diffusion model's output."""
         # the diffusion model's own return value, before apply_model turns it into a denoised latent; a
         # forward hook sees it for every family (not all of them run DIFFUSION_MODEL wrappers)
         captured = []
@@ -568,9 +581,11 @@ class ComfyBaseModel:
         options["sigmas"] = sigma
         return options
 
-    def _model_conds(self, noisy: torch.Tensor, conds: list[TextConditioning], sizes=None) -> dict:
+    def _model_conds(self, noisy: torch.Tensor, conds: list[TextConditioning], sizes=None) -> list:
         """``extra_conds`` per sample (as the sampler's ``encode_model_conds``), batched by ComfyUI's own
-        cond classes (``process_cond`` + ``concat``; cross-attention of different lengths padded by repeat)."""
+        cond classes (``process_cond``, ``can_concat`` + ``concat``; cross-attention of different lengths padded
+        by repeat where the class allows it): [(sample indices, the batch's model conds)], consecutive samples
+        together while they can be batched."""
         device = noisy.device
         per_sample = []
         for i, c in enumerate(conds):
@@ -581,8 +596,15 @@ class ComfyBaseModel:
             if sizes is not None and self.family == "sdxl":  # what SDXL's encode_adm reads
                 kwargs.update(zip(SDXL_SIZE_KEYS, (int(v) for v in sizes[i].tolist())))
             per_sample.append(self.base.extra_conds(**kwargs))
-        out = {}
-        for key in per_sample[0]:
-            items = [s[key].process_cond(batch_size=1, device=device, area=None) for s in per_sample]
-            out[key] = items[0].concat(items[1:])
-        return out
+        processed = [{key: cond.process_cond(batch_size=1, device=device, area=None) for key, cond in s.items()}
+                     for s in per_sample]
+        runs = []  # [[indices], ...]
+        for i, sample in enumerate(processed):
+            first = processed[runs[-1][0]] if runs else None
+            if first is not None and first.keys() == sample.keys() and \
+                    all(first[key].can_concat(sample[key]) for key in first):
+                runs[-1].append(i)
+            else:
+                runs.append([i])
+        return [(indices, {key: processed[indices[0]][key].concat([processed[i][key] for i in indices[1:]])
+                           for key in processed[indices[0]]}) for indices in runs]

@@ -334,3 +334,24 @@ def sd2_patcher(v_prediction: bool, seed: int = 0):
     hint = {"output_blocks.11.1.transformer_blocks.0.norm1.bias": torch.linspace(-1, 1, 8) if v_prediction
             else torch.zeros(8)}
     return _unet_patcher("SD20", {"model_channels": 64}, seed, hint)
+
+
+def z_image_patcher(seed: int = 0):
+    """A tiny Z-Image (ComfyUI 0.33's comfy.supported_models.ZImage: Lumina2's NextDiT with z_image_modulation,
+    time_scale 1000, rope theta 256), or None where the ComfyUI version has no Z-Image (0.3.64 predates it).
+    Detection names a NextDiT Z-Image by its 3840 width alone, so the config class is picked here (as for the
+    UNets); the width is 256, the least its 256-wide modulation input allows. Reads CONTEXT_DIM-wide captions."""
+    import comfy.model_patcher
+    import comfy.supported_models
+
+    if not hasattr(comfy.supported_models, "ZImage"):
+        return None
+    config = comfy.supported_models.ZImage({
+        "image_model": "lumina2", "patch_size": 2, "in_channels": 16, "dim": 256, "n_layers": 2,
+        "n_refiner_layers": 1, "n_heads": 2, "n_kv_heads": 2, "axes_dims": [32, 48, 48], "axes_lens": [1536, 512, 512],
+        "rope_theta": 256.0, "ffn_dim_multiplier": 8.0 / 3.0, "z_image_modulation": True, "time_scale": 1000.0,
+        "qk_norm": True, "cap_feat_dim": CONTEXT_DIM})
+    config.set_inference_dtype(torch.float32, None)
+    model = config.get_model({}, "")
+    model.diffusion_model.load_state_dict(_randomize(model.diffusion_model, seed))
+    return comfy.model_patcher.ModelPatcher(model, load_device=torch.device("cpu"), offload_device=torch.device("cpu"))

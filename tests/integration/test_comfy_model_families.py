@@ -222,7 +222,9 @@ def test_forward_equals_comfyui_denoised_and_guidance_reaches_flux_dev(comfy_lib
     with torch.no_grad():
         x = one.noisy_input(x0, noise, sigma)
         out = one.forward(x, sigma, conds)
-        denoised = one.base.apply_model(x, sigma, **one._model_conds(x, conds))
+        (indices, model_conds), = one._model_conds(x, conds)  # same-length captions: one batch
+        assert indices == [0, 1]
+        denoised = one.base.apply_model(x, sigma, **model_conds)
         torch.testing.assert_close(x - out * sigma.view(-1, 1, 1, 1), denoised, atol=1e-5, rtol=1e-5)
         assert float((three.forward(x, sigma, conds) - out).abs().max()) > 1e-4
     schnell = _provider(comfy_tiny.BUILDERS["flux-schnell"]())
@@ -492,3 +494,45 @@ def test_a_model_loaded_in_fp8_trains_with_its_weights_kept_in_fp8(comfy_lib, tm
     assert all(d == {torch.float8_e4m3fn} for d in frozen_dtypes) and trained == {torch.float32}
     (_, before), (_, after) = result.validation[0], result.validation[-1]
     assert after < 0.9 * before, result.validation
+
+
+def test_z_image_trains_and_round_trips_where_comfyui_has_it(comfy_lib, tmp_path, figures):
+    """Z-Image (ComfyUI 0.33; 0.3.64 predates it and must not know it): a tiny one in ComfyUI's own ZImage
+    classes trains through the loop with its modulation layers among the targets, and its file loads back
+    through ComfyUI's LoRA loader with every key and the trained model's output."""
+    import comfy.supported_models
+    import comfy_tiny
+
+    from comfyui_lora_trainer.nodes.host import ComfyHost
+
+    with torch.inference_mode():
+        patcher = comfy_tiny.z_image_patcher()
+    if patcher is None:  # the oldest supported ComfyUI: no Z-Image to train (the node refuses nothing it lacks)
+        assert not hasattr(comfy.supported_models, "ZImage") and comfy_lib.sd is not None
+        return
+    tiny = comfy_tiny.TinyModel("z-image", {}, {}, None)
+    provider = ComfyHost().base_model(patcher, comfy_tiny.StandInClip(tiny), comfy_tiny.StandInVae(16))
+    assert provider.family == "z-image" and provider.parameterisation == "flow"
+    targets = provider.adapter_targets()
+    assert {"layers.0.adaLN_modulation.0", "layers.1.attention.qkv", "noise_refiner.0.feed_forward.w2"} <= set(targets)
+    result = _train_loop(provider, tmp_path)
+    (_, before), (_, after) = result.validation[0], result.validation[-1]
+    assert after < 0.97 * before, result.validation
+    lora = comfy_lib.utils.load_torch_file(result.path, safe_load=True)
+    assert {k.split(".")[0] for k in lora} == {provider.lora_name(t) for t in targets}
+    x0, noise, sigma, _ = _overfit_set(provider, tiny)
+    conds = provider.encode_text(["shapetoy, a red circle", "a blue square"])  # 4 and 3 tokens: two calls
+    x = provider.noisy_input(x0, noise, sigma)
+    with torch.no_grad():
+        trained = provider.forward(x, sigma, conds)
+    provider.release()
+    with torch.inference_mode():
+        fresh = comfy_tiny.z_image_patcher()
+    with comfy_tiny.unloaded_lora_keys() as not_loaded:
+        patched, _ = comfy_lib.sd.load_lora_for_models(fresh, None, lora, 1.0, 0.0)
+    assert not not_loaded and len(patched.patches) == len(targets)
+    loaded_provider = _provider_on(patched)
+    with torch.no_grad():
+        diff = float((trained - loaded_provider.forward(x, sigma, conds)).abs().max())
+    assert diff < 1e-5, diff
+    figures["z-image"] = (after / before, diff, f"{len(patched.patches)}/{len(targets)}", {})
