@@ -475,6 +475,7 @@ class ComfyBaseModel:
         return images
 
     def _conditioning(self, prompt: str):
+        """The prompt's CONDITIONING as CLIPTextEncode makes it (``tokenize``, ``encode_from_tokens_scheduled``)."""
         tokens = self.clip.tokenize(prompt)
         return self.clip.encode_from_tokens_scheduled(tokens)
 
@@ -496,11 +497,7 @@ class ComfyBaseModel:
         if self.clip is None:
             raise NodeError(f"CLIP input: training {self.label} needs the text encoder(s) that go with it "
                             "(Load Checkpoint's CLIP, or Load CLIP / DualCLIPLoader)")
-        out = []
-        for prompt in prompts:
-            tokens = self.clip.tokenize(prompt)
-            out.append(TextConditioning.from_comfy(self.clip.encode_from_tokens_scheduled(tokens)))
-        return out
+        return [TextConditioning.from_comfy(self._conditioning(prompt)) for prompt in prompts]
 
     def encode_images(self, pixels: torch.Tensor) -> torch.Tensor:
         """Latents in the diffusion model's space for IMAGE-layout pixels [B, H, W, C] in [0, 1]: the graph's

@@ -278,6 +278,20 @@ class StandInVae:
         return patches.permute(0, 1, 3, 2, 4, 5).reshape(b, h * 8, w * 8, 3).clamp(0, 1)
 
 
+def apply_lora_file(comfy_lib, patcher, lora: dict, clip=None):
+    """``lora`` (a written file's tensors) applied to ``patcher`` (and ``clip``) by ComfyUI's own
+    ``load_lora_for_models`` at strength 1, with nothing logged as not loaded (asserted); the patched model as a
+    prepared ComfyBaseModel, whose ``patcher.patches`` are what ComfyUI patched."""
+    from comfyui_lora_trainer.nodes.comfy_model import ComfyBaseModel
+
+    with unloaded_lora_keys() as not_loaded:
+        patched, _ = comfy_lib.sd.load_lora_for_models(patcher, clip, lora, 1.0, 1.0 if clip is not None else 0.0)
+    assert not not_loaded, not_loaded[:5]
+    provider = ComfyBaseModel(patched, clip)
+    provider.prepare()
+    return provider
+
+
 @contextlib.contextmanager
 def unloaded_lora_keys():
     """Yields a list that collects what ComfyUI's LoRA loading logs as not loaded ("lora key not loaded: ...",

@@ -174,15 +174,12 @@ def test_family_loads_trains_and_round_trips(comfy_lib, family, tmp_path, figure
     x = fresh.noisy_input(x0, noise, sigma)
     with torch.no_grad():
         base_out = fresh.forward(x, sigma, conds)  # before the patches below go into the shared module
-    with comfy_tiny.unloaded_lora_keys() as not_loaded:
-        patched, _ = comfy_lib.sd.load_lora_for_models(fresh.patcher, None, lora, 1.0, 0.0)
-    assert not not_loaded, not_loaded[:5]
-    assert len(patched.patches) == len(targets)
-    assert {k[len("diffusion_model."):-len(".weight")] for k in patched.patches} == set(targets)
-
     # ComfyUI's patched model (the LoRA's patches in the weights as its loader applies them) gives the
     # trained model's output
-    patched_provider = _provider_on(patched)
+    patched_provider = comfy_tiny.apply_lora_file(comfy_lib, fresh.patcher, lora)
+    patched = patched_provider.patcher
+    assert len(patched.patches) == len(targets)
+    assert {k[len("diffusion_model."):-len(".weight")] for k in patched.patches} == set(targets)
     with torch.no_grad():
         trained_out = provider.forward(x, sigma, conds)
         comfy_out = patched_provider.forward(x, sigma, conds)
@@ -198,14 +195,6 @@ def test_family_loads_trains_and_round_trips(comfy_lib, family, tmp_path, figure
     with torch.no_grad():
         torch.testing.assert_close(provider.forward(x, sigma, conds), base_out, atol=1e-6, rtol=0)
     figures[family] = (after / before, diff, f"{len(patched.patches)}/{len(targets)}", tiny.told)
-
-
-def _provider_on(patcher):
-    from comfyui_lora_trainer.nodes.comfy_model import ComfyBaseModel
-
-    provider = ComfyBaseModel(patcher)
-    provider.prepare()
-    return provider
 
 
 def test_forward_equals_comfyui_denoised_and_guidance_reaches_flux_dev(comfy_lib):
@@ -528,11 +517,10 @@ def test_z_image_trains_and_round_trips_where_comfyui_has_it(comfy_lib, tmp_path
     provider.release()
     with torch.inference_mode():
         fresh = comfy_tiny.z_image_patcher()
-    with comfy_tiny.unloaded_lora_keys() as not_loaded:
-        patched, _ = comfy_lib.sd.load_lora_for_models(fresh, None, lora, 1.0, 0.0)
-    assert not not_loaded and len(patched.patches) == len(targets)
-    loaded_provider = _provider_on(patched)
+    loaded_provider = comfy_tiny.apply_lora_file(comfy_lib, fresh, lora)
+    patches = len(loaded_provider.patcher.patches)
+    assert patches == len(targets)
     with torch.no_grad():
         diff = float((trained - loaded_provider.forward(x, sigma, conds)).abs().max())
     assert diff < 1e-5, diff
-    figures["z-image"] = (after / before, diff, f"{len(patched.patches)}/{len(targets)}", {})
+    figures["z-image"] = (after / before, diff, f"{patches}/{len(targets)}", {})

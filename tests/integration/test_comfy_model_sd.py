@@ -73,12 +73,9 @@ def test_sd15_model_input_trains_in_place_and_round_trips(comfy_lib, sd15_file, 
     provider.release()
 
     fresh_model, fresh_clip, _ = _load(comfy_lib, sd15_file)
-    with comfy_tiny.unloaded_lora_keys() as not_loaded:
-        patched, _ = comfy_lib.sd.load_lora_for_models(fresh_model, fresh_clip, lora, 1.0, 1.0)
-    assert not not_loaded, not_loaded[:5]
+    comfy_provider = comfy_tiny.apply_lora_file(comfy_lib, fresh_model, lora, fresh_clip)
+    patched = comfy_provider.patcher
     assert len(patched.patches) == len(modules)
-    comfy_provider = ComfyHost().base_model(patched, fresh_clip, None)
-    comfy_provider.prepare()
     with torch.no_grad():
         loaded = comfy_provider.forward(x, sigma, cond)
         plain = ComfyHost().base_model(model, clip, vae).forward(x, sigma, cond)  # the released model: as loaded
@@ -147,12 +144,9 @@ def test_unet_model_input_trains_in_its_parameterisation_and_round_trips(comfy_l
 
     with torch.inference_mode():
         fresh = make(comfy_tiny)
-    with comfy_tiny.unloaded_lora_keys() as not_loaded:
-        patched, _ = comfy_lib.sd.load_lora_for_models(fresh, None, lora, 1.0, 0.0)
-    assert not not_loaded, not_loaded[:5]
+    comfy_provider = comfy_tiny.apply_lora_file(comfy_lib, fresh, lora)
+    patched = comfy_provider.patcher
     assert len(patched.patches) == len(modules)
-    comfy_provider = ComfyHost().base_model(patched, None, None)
-    comfy_provider.prepare()
     with torch.no_grad():
         loaded = comfy_provider.forward(x, sigma, cond, sizes)
     diff = float((trained - loaded).abs().max())
