@@ -28,6 +28,12 @@ class Data:
     captions_fixed: bool  # every caption is the same each epoch (so all can be encoded up front)
     validation: Validation | None = None  # the held-out images (validation_split / validation_dataset)
 
+    @property
+    def captions_encoded_once(self) -> bool:
+        """Every caption's conditioning is cached before the first step, so the text encoders are not needed
+        during the steps."""
+        return self.text_cache is not None and self.captions_fixed
+
 
 def load_data(ctx: RunContext) -> tuple[Dataset, Dataset | None]:
     """(the dataset with its regularization images, the held-out validation images or None); refused when a
@@ -115,7 +121,7 @@ def build_caches(ctx: RunContext, base, dataset: Dataset, held_out: Dataset | No
         validation = build_validation(ctx, base, held_out, training_sizes(ctx, held_out, log=False)[0],
                                       scheduler or base.noise_scheduler)
     data = Data(dataset, sizes, bucket_info, random_crop, latent_cache, text_cache, captions_fixed, validation)
-    if text_cache is not None and captions_fixed:
+    if data.captions_encoded_once:
         for encoder in base.text_encoders:
             encoder.to(ctx.device)
         for item in dataset.items:  # reg (class) images never get the trigger word

@@ -45,7 +45,7 @@ def place_base(ctx: RunContext, base, data: Data) -> None:
     """The frozen base on the device in the run's precision (text encoders and VAE only where needed)."""
     config, device, weight_dtype = ctx.config, ctx.device, ctx.weight_dtype
     if is_hosted(base):  # the host loads its model its way; its text encoders and VAE leave the device
-        encode_every_step = not (data.text_cache is not None and data.captions_fixed)
+        encode_every_step = not data.captions_encoded_once
         base.place(device, weight_dtype, config.gradient_checkpointing, encode_every_step)
         if encode_every_step:
             size = base.text_encoder_bytes()
@@ -60,7 +60,7 @@ def place_base(ctx: RunContext, base, data: Data) -> None:
     # One .to(device, dtype) converts tensor by tensor: the device never holds the fp32 UNet (10 GB for
     # SDXL) on the way to bf16/fp16, which .to(device) followed by .to(dtype) did.
     move_module(unet, device, weight_dtype if weight_dtype != torch.float32 else None)
-    te_on_device = config.train_text_encoder or not (data.text_cache is not None and data.captions_fixed)
+    te_on_device = config.train_text_encoder or not data.captions_encoded_once
     for encoder in base.text_encoders:
         encoder.to(device if te_on_device else "cpu")
         if weight_dtype != torch.float32 and config.train_text_encoder:
